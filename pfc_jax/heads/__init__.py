@@ -1,0 +1,1 @@
+"""Classification heads for very many identities (Partial FC first)."""
