@@ -1,0 +1,317 @@
+"""Partial FC: a margin-softmax head whose class centers are sharded over all devices.
+
+One head step, all inside one ``jit`` (see ``DESIGN.md``, "The train step"):
+
+1. ``sample``: each shard picks its columns (every positive it owns + random negatives).
+2. ``gather``: the picked rows of the centers and of their optimizer state.
+3. ``loss``: all-gather the embeddings, normalized logits against the local rows, margin
+   on the target, softmax cross-entropy distributed over shards in fp32. Differentiable
+   w.r.t. the embeddings and the gathered rows only: no C x D gradient ever exists.
+4. ``apply_gradients``: the optimizer on the gathered rows, scattered back in place.
+
+:meth:`PartialFC.step` chains them and returns the gradient w.r.t. the embeddings, for
+the backbone's backward pass. The trainer and the benchmark both call it.
+
+Global arrays produced per shard (the sample, the gathered rows) are laid out as the
+shards' blocks concatenated along axis 0 and sharded on ``data``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from pfc_jax import sharding
+from pfc_jax.heads import sampler
+from pfc_jax.heads.margins import CombinedMargin
+from pfc_jax.optim import SparseRows, write_index
+
+PyTree = Any
+_AXIS = sharding.DATA_AXIS
+_ROWS = P(_AXIS, None)
+_SPLIT = P(_AXIS)
+
+
+class HeadState(NamedTuple):
+    """Class centers f32[C_pad, D] (rows sharded) and their optimizer state."""
+
+    centers: jax.Array
+    opt_state: PyTree
+
+
+class Sample(NamedTuple):
+    """Per-shard :class:`~pfc_jax.heads.sampler.ShardSample` blocks, concatenated.
+
+    ``index`` and ``active`` are [num_shards * num_sample], ``target`` is
+    [num_shards * global_batch]; all sharded on ``data``.
+    """
+
+    index: jax.Array
+    active: jax.Array
+    target: jax.Array
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    # rsqrt of a floored squared norm: zero rows (padding) give zeros and finite
+    # gradients, where x / max(norm, eps) would give 0 * inf in the backward pass.
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+
+
+@dataclasses.dataclass(frozen=True)
+class PartialFC:
+    """Sharded class centers with sampled margin softmax and sparse row updates.
+
+    Attributes:
+      mesh: the 1-D ``data`` mesh (see :mod:`pfc_jax.sharding`).
+      num_classes: number of identities.
+      embedding_dim: D.
+      sample_rate: fraction of each shard's centers used per step (positives included);
+        1.0 is the exact full softmax, 0.0 positives only.
+      margin: the margin applied to target logits.
+      optimizer: optax transform for the centers (per-element; see :mod:`pfc_jax.optim`).
+      logits_dtype: dtype of the normalized operands of the logits matmul (accumulation
+        is always fp32). bfloat16 halves its cost on accelerators at ~3 digits of cosine.
+    """
+
+    mesh: Mesh
+    num_classes: int
+    embedding_dim: int
+    sample_rate: float
+    margin: CombinedMargin
+    optimizer: optax.GradientTransformation
+    logits_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
+        if not 0.0 <= self.sample_rate <= 1.0:
+            raise ValueError(
+                f"sample_rate must be in [0, 1] (1 = full softmax), got {self.sample_rate}"
+            )
+        if tuple(self.mesh.axis_names) != (_AXIS,):
+            raise ValueError(
+                f"PartialFC needs the 1-D mesh from pfc_jax.sharding.make_mesh "
+                f"(axis {_AXIS!r}), got axes {self.mesh.axis_names}"
+            )
+
+    # ---- sizes -------------------------------------------------------------------
+
+    @property
+    def num_shards(self) -> int:
+        return sharding.num_shards(self.mesh)
+
+    @property
+    def num_classes_padded(self) -> int:
+        return sharding.padded_num_classes(self.num_classes, self.num_shards)
+
+    @property
+    def num_local(self) -> int:
+        return self.num_classes_padded // self.num_shards
+
+    def num_sample(self, global_batch: int) -> int:
+        """Columns drawn per shard per step for a global batch of ``global_batch``."""
+        return sampler.num_sample(self.num_local, self.sample_rate, global_batch)
+
+    @property
+    def takes_all_rows(self) -> bool:
+        """Rate high enough to use every row: the gather and scatter are skipped."""
+        return sampler.takes_all_rows(self.num_local, self.sample_rate)
+
+    @property
+    def _sparse(self) -> SparseRows:
+        return SparseRows(self.optimizer)
+
+    def _shard_map(self, f, in_specs, out_specs):
+        return jax.shard_map(f, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
+
+    def _check_batch(self, global_batch: int) -> None:
+        if global_batch % self.num_shards:
+            raise ValueError(
+                f"global batch {global_batch} is not divisible by the {self.num_shards} "
+                f"devices of the mesh; use a multiple of {self.num_shards}"
+            )
+
+    # ---- state -------------------------------------------------------------------
+
+    def state_shardings(self) -> HeadState:
+        """NamedShardings of :class:`HeadState`: per-row leaves split by rows, the rest replicated."""
+        shape = jax.ShapeDtypeStruct((self.num_classes_padded, self.embedding_dim), jnp.float32)
+        opt_shape = jax.eval_shape(self.optimizer.init, shape)
+        is_row = SparseRows.row_leaves(opt_shape, shape.shape)
+        rows, whole = sharding.row_sharding(self.mesh), sharding.replicated(self.mesh)
+        return HeadState(rows, jax.tree.map(lambda r: rows if r else whole, is_row))
+
+    def init(self, key: jax.Array, std: float = 0.01) -> HeadState:
+        """Centers ~ N(0, std^2) (padding rows zero) and fresh optimizer state, sharded.
+
+        Each device generates only its own rows. A class's initial center depends on the
+        key alone, not on the device count.
+        """
+
+        def init(key):
+            shape = (self.num_classes_padded, self.embedding_dim)
+            centers = std * jax.random.normal(key, shape, jnp.float32)
+            real = jnp.arange(shape[0])[:, None] < self.num_classes
+            centers = jnp.where(real, centers, 0.0)
+            return HeadState(centers, self.optimizer.init(centers))
+
+        return jax.jit(init, out_shardings=self.state_shardings())(key)
+
+    # ---- the four stages -----------------------------------------------------------
+
+    def sample(self, labels: jax.Array, key: jax.Array) -> Sample:
+        """Every shard's columns for the global batch's ``labels`` (sharded on ``data``)."""
+        global_batch = labels.shape[0]
+        self._check_batch(global_batch)
+
+        def per_shard(labels, key):
+            labels = jax.lax.all_gather(labels, _AXIS, tiled=True)
+            s = sampler.sample_shard(
+                key,
+                labels,
+                jax.lax.axis_index(_AXIS),
+                num_local=self.num_local,
+                num_classes=self.num_classes,
+                rate=self.sample_rate,
+                global_batch=global_batch,
+            )
+            return Sample(*s)
+
+        return self._shard_map(per_shard, (_SPLIT, P()), Sample(_SPLIT, _SPLIT, _SPLIT))(
+            labels, key
+        )
+
+    def gather(self, state: HeadState, sample: Sample):
+        """The sampled rows of the centers and of their per-row optimizer state."""
+        if self.takes_all_rows:
+            # The sample is every row in order: the blocks already are the centers.
+            return state.centers, state.opt_state
+        is_row = SparseRows.row_leaves(state.opt_state, state.centers.shape)
+        state_specs = jax.tree.map(lambda r: _ROWS if r else P(), is_row)
+
+        def per_shard(centers, opt_state, index):
+            return SparseRows.gather(centers, opt_state, is_row, index)
+
+        return self._shard_map(per_shard, (_ROWS, state_specs, _SPLIT), (_ROWS, state_specs))(
+            state.centers, state.opt_state, sample.index
+        )
+
+    def loss(self, embeddings: jax.Array, rows: jax.Array, sample: Sample):
+        """Mean margin-softmax cross-entropy over the global batch, and metrics.
+
+        Differentiable w.r.t. ``embeddings`` [B_g, D] (sharded on ``data``, any float
+        dtype) and ``rows`` (from :meth:`gather`). Returns ``(loss, metrics)``, both fp32.
+        """
+        self._check_batch(embeddings.shape[0])
+        margin, dtype = self.margin, self.logits_dtype
+
+        def per_shard(embeddings, rows, active, target):
+            x = jax.lax.all_gather(embeddings, _AXIS, tiled=True).astype(jnp.float32)
+            x = _l2_normalize(x).astype(dtype)
+            w = _l2_normalize(rows.astype(jnp.float32)).astype(dtype)
+            cos = jnp.einsum(
+                "bd,nd->bn", x, w,
+                preferred_element_type=jnp.float32,
+                precision=jax.lax.Precision.HIGHEST,
+            )
+            cos = jnp.clip(cos, -1.0, 1.0)
+            is_target = target[:, None] == jnp.arange(rows.shape[0])[None, :]
+            logits = jnp.where(active[None, :], margin(cos, is_target), -jnp.inf)
+
+            # Distributed log-sum-exp: the row max is only a shift (no gradient needed).
+            row_max = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=1)), _AXIS)
+            sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - row_max[:, None]), axis=1), _AXIS)
+            target_logit = jax.lax.psum(jnp.sum(jnp.where(is_target, logits, 0.0), axis=1), _AXIS)
+            per_example = jnp.log(sum_exp) + row_max - target_logit
+
+            # Metrics (no gradient): top-1 among the sampled columns, label sanity.
+            cos_ = jax.lax.stop_gradient(jnp.where(active[None, :], cos, -jnp.inf))
+            best = jax.lax.pmax(jnp.max(cos_, axis=1), _AXIS)
+            target_cos = jax.lax.psum(jnp.sum(jnp.where(is_target, cos_, 0.0), axis=1), _AXIS)
+            has_target = jax.lax.psum(jnp.any(is_target, axis=1).astype(jnp.int32), _AXIS)
+            metrics = {
+                "accuracy": jnp.mean(((target_cos >= best) & (has_target > 0)).astype(jnp.float32)),
+                "invalid_labels": jnp.sum(has_target == 0),
+                "sampled_classes": jax.lax.psum(jnp.sum(active), _AXIS),
+            }
+            return jnp.mean(per_example), metrics
+
+        return self._shard_map(per_shard, (_ROWS, _ROWS, _SPLIT, _SPLIT), (P(), P()))(
+            embeddings, rows, sample.active, sample.target
+        )
+
+    def apply_gradients(
+        self,
+        state: HeadState,
+        sample: Sample,
+        rows: jax.Array,
+        state_rows: PyTree,
+        grads: jax.Array,
+    ) -> HeadState:
+        """Optimizer step on the gathered rows, written back in place (only active ones)."""
+        sparse = self._sparse
+        new_rows, new_state_rows = sparse.update(grads, rows, state_rows)
+        is_row = SparseRows.row_leaves(state.opt_state, state.centers.shape)
+        if self.takes_all_rows:
+            # A dense update of the donated buffers; padding rows keep their values.
+            keep = sample.active[:, None]
+            pick = lambda new, old, row: jnp.where(keep, new, old) if row else new
+            return HeadState(
+                jnp.where(keep, new_rows, state.centers),
+                jax.tree.map(pick, new_state_rows, state.opt_state, is_row),
+            )
+        state_specs = jax.tree.map(lambda r: _ROWS if r else P(), is_row)
+        num_local = self.num_local
+
+        def per_shard(centers, opt_state, index, active, new_rows, new_state_rows):
+            where = write_index(index, active, num_local)
+            return SparseRows.scatter(centers, opt_state, is_row, where, new_rows, new_state_rows)
+
+        centers, opt_state = self._shard_map(
+            per_shard,
+            (_ROWS, state_specs, _SPLIT, _SPLIT, _ROWS, state_specs),
+            (_ROWS, state_specs),
+        )(state.centers, state.opt_state, sample.index, sample.active, new_rows, new_state_rows)
+        return HeadState(centers, opt_state)
+
+    # ---- the whole step --------------------------------------------------------------
+
+    def step(self, state: HeadState, embeddings: jax.Array, labels: jax.Array, key: jax.Array):
+        """Sample, gather, loss and gradients, sparse update. Call under ``jax.jit``.
+
+        Args:
+          state: centers and their optimizer state (donate them).
+          embeddings: [B_g, D] backbone outputs, sharded on ``data``.
+          labels: i32[B_g] class labels, sharded on ``data``.
+          key: this step's key (fold the step number in).
+
+        Returns:
+          ``(new_state, grad_embeddings, metrics)``; ``metrics["loss"]`` is the loss.
+        """
+        sample = self.sample(labels, key)
+        rows, state_rows = self.gather(state, sample)
+        (loss, metrics), (grad_embeddings, grad_rows) = jax.value_and_grad(
+            self.loss, argnums=(0, 1), has_aux=True
+        )(embeddings, rows, sample)
+        state = self.apply_gradients(state, sample, rows, state_rows, grad_rows)
+        return state, grad_embeddings, {"loss": loss, **metrics}
+
+    def jit_step(self):
+        """:meth:`step` compiled with explicit shardings and the state donated."""
+        batch = sharding.batch_sharding(self.mesh)
+        state = self.state_shardings()
+        whole = sharding.replicated(self.mesh)
+        return jax.jit(
+            self.step,
+            in_shardings=(state, batch, batch, whole),
+            out_shardings=(state, batch, whole),
+            donate_argnums=(0,),
+        )

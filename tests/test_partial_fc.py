@@ -1,0 +1,228 @@
+"""The sharded Partial FC head against a dense single-device reference."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pfc_jax import optim, sharding
+from pfc_jax.heads import margins
+from pfc_jax.heads.partial_fc import PartialFC
+from pfc_jax.optim import SparseRows
+from tests import reference
+
+NUM_CLASSES = 37  # not divisible by 2, 4 or 8
+DIM = 16
+BATCH = 16
+
+MARGINS = {
+    "arcface": (margins.arcface(), dict(m1=1.0, m2=0.5, m3=0.0)),
+    "cosface": (margins.cosface(), dict(m1=1.0, m2=0.0, m3=0.4)),
+    "combined": (margins.CombinedMargin(m1=1.2, m2=0.3, m3=0.2), dict(m1=1.2, m2=0.3, m3=0.2)),
+}
+
+
+def make_head(num_devices, rate, margin, optimizer=None, num_classes=NUM_CLASSES, dim=DIM):
+    devices = jax.devices()
+    assert len(devices) >= num_devices, f"needs {num_devices} devices; conftest fakes 8 CPU ones"
+    mesh = sharding.make_mesh(devices[:num_devices])
+    return PartialFC(
+        mesh,
+        num_classes=num_classes,
+        embedding_dim=dim,
+        sample_rate=rate,
+        margin=margin,
+        optimizer=optimizer or optax.sgd(1.0),
+    )
+
+
+def inputs(head, seed=0, batch=BATCH):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    embeddings = jax.random.normal(k1, (batch, head.embedding_dim))
+    labels = jax.random.randint(k2, (batch,), 0, head.num_classes)
+    shard = sharding.batch_sharding(head.mesh)
+    state = head.init(k3, std=1.0)
+    return state, jax.device_put(embeddings, shard), jax.device_put(labels, shard)
+
+
+def head_loss_and_grads(head, state, embeddings, labels, key):
+    """Loss and gradients w.r.t. embeddings and the gathered rows, plus the sample."""
+
+    @jax.jit
+    def run(state, embeddings, labels, key):
+        sample = head.sample(labels, key)
+        rows, _ = head.gather(state, sample)
+        (loss, metrics), grads = jax.value_and_grad(head.loss, argnums=(0, 1), has_aux=True)(
+            embeddings, rows, sample
+        )
+        return loss, metrics, grads, sample
+
+    return run(state, embeddings, labels, key)
+
+
+def global_classes(head, sample):
+    """Class id of every sampled column, -1 for inactive ones (numpy)."""
+    index = np.asarray(sample.index).reshape(head.num_shards, -1)
+    active = np.asarray(sample.active).reshape(head.num_shards, -1)
+    classes = index + head.num_local * np.arange(head.num_shards)[:, None]
+    return np.where(active, classes, -1).reshape(-1)
+
+
+@pytest.mark.parametrize("margin_name", ["arcface", "cosface", "combined"])
+@pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
+def test_full_softmax_equals_dense_reference(num_devices, margin_name):
+    margin, ref_margin = MARGINS[margin_name]
+    head = make_head(num_devices, 1.0, margin)
+    state, embeddings, labels = inputs(head)
+    loss, metrics, (g_emb, g_rows), sample = head_loss_and_grads(
+        head, state, embeddings, labels, jax.random.key(1)
+    )
+
+    centers = np.asarray(state.centers)[:NUM_CLASSES]
+    ref = lambda e, w: reference.dense_loss(e, w, labels, **ref_margin)
+    ref_loss, (ref_g_emb, ref_g_centers) = jax.value_and_grad(ref, argnums=(0, 1))(
+        np.asarray(embeddings), centers
+    )
+
+    # rate 1: every real row is sampled, in order; padding rows are inactive.
+    np.testing.assert_array_equal(global_classes(head, sample)[:NUM_CLASSES], np.arange(NUM_CLASSES))
+    assert (global_classes(head, sample)[NUM_CLASSES:] == -1).all()
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(g_emb, ref_g_emb, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(g_rows)[:NUM_CLASSES], ref_g_centers, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(g_rows)[NUM_CLASSES:], 0.0)
+    assert int(metrics["sampled_classes"]) == NUM_CLASSES
+    assert int(metrics["invalid_labels"]) == 0
+
+
+@pytest.mark.parametrize("num_devices", [1, 4])
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_sampled_loss_equals_dense_reference_on_sampled_columns(num_devices, rate):
+    head = make_head(num_devices, rate, margins.arcface())
+    state, embeddings, labels = inputs(head, seed=3)
+    loss, metrics, (g_emb, g_rows), sample = head_loss_and_grads(
+        head, state, embeddings, labels, jax.random.key(7)
+    )
+
+    classes = global_classes(head, sample)
+    used = classes[classes >= 0]
+    centers = np.asarray(state.centers)
+    remap = {c: i for i, c in enumerate(used)}
+    ref_labels = jnp.array([remap[int(c)] for c in np.asarray(labels)])
+    ref = lambda e, w: reference.dense_loss(e, w, ref_labels)
+    ref_loss, (ref_g_emb, ref_g_used) = jax.value_and_grad(ref, argnums=(0, 1))(
+        np.asarray(embeddings), centers[used]
+    )
+
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(g_emb, ref_g_emb, rtol=1e-5, atol=1e-6)
+    g_rows = np.asarray(g_rows)
+    np.testing.assert_allclose(g_rows[classes >= 0], ref_g_used, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(g_rows[classes < 0], 0.0)
+    assert int(metrics["sampled_classes"]) == len(used)
+    if rate == 0.0:
+        assert set(used) == set(np.asarray(labels).tolist())
+
+
+def test_bf16_embeddings_give_fp32_loss_close_to_fp32():
+    head = make_head(4, 1.0, margins.arcface())
+    state, embeddings, labels = inputs(head)
+    key = jax.random.key(1)
+    loss32, *_ = head_loss_and_grads(head, state, embeddings, labels, key)
+    loss16, _, (g_emb, _), _ = head_loss_and_grads(
+        head, state, embeddings.astype(jnp.bfloat16), labels, key
+    )
+    assert loss16.dtype == jnp.float32 and g_emb.dtype == jnp.bfloat16
+    np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "rate,tx_name", [(0.2, "sgd"), (0.2, "adamw"), (1.0, "sgd"), (0.0, "adamw")]
+)
+def test_step_sparse_update_matches_dense_optax_on_sampled_rows(rate, tx_name):
+    """Two whole head steps: the used rows (and their optimizer state) move exactly as
+    a dense optax update of just those rows; every other row and its state is
+    bit-identical (at rate 1 those are the padding rows, which stay zero)."""
+    tx = {
+        "sgd": optim.sgd(0.1, momentum=0.9, weight_decay=5e-4),
+        "adamw": optim.adamw(1e-2, weight_decay=0.05),
+    }[tx_name]
+    head = make_head(4, rate, margins.arcface(), optimizer=tx, num_classes=203)
+    step = head.jit_step()
+    state, embeddings, labels = inputs(head, seed=5)
+    for i in range(2):
+        key = jax.random.fold_in(jax.random.key(11), i)
+        before = jax.tree.map(np.asarray, state)
+        _, _, (_, g_rows), sample = head_loss_and_grads(head, state, embeddings, labels, key)
+        state, _, metrics = step(state, embeddings, labels, key)
+        after = jax.tree.map(np.asarray, state)
+
+        classes = global_classes(head, sample)
+        used = classes[classes >= 0]  # global row = class id for real rows
+        untouched = np.setdiff1d(np.arange(head.num_classes_padded), used)
+        is_row = jax.tree.leaves(SparseRows.row_leaves(before.opt_state, before.centers.shape))
+        expected_update, expected_state = tx.update(
+            jnp.asarray(np.asarray(g_rows)[classes >= 0]),
+            jax.tree.map(lambda a: a[used] if a.shape == before.centers.shape else a, before.opt_state),
+            jnp.asarray(before.centers[used]),
+        )
+        np.testing.assert_allclose(
+            after.centers[used], before.centers[used] + expected_update, rtol=1e-6, atol=1e-7
+        )
+        np.testing.assert_array_equal(after.centers[untouched], before.centers[untouched])
+        leaves = zip(
+            is_row, jax.tree.leaves(before.opt_state), jax.tree.leaves(after.opt_state),
+            jax.tree.leaves(expected_state),
+        )
+        assert any(is_row)
+        for row, old, new, expected in leaves:
+            if row:
+                np.testing.assert_allclose(new[used], expected, rtol=1e-6, atol=1e-7)
+                np.testing.assert_array_equal(new[untouched], old[untouched])
+            else:  # shared (AdamW's count): advances once per step
+                np.testing.assert_array_equal(new, expected)
+        assert np.isfinite(float(metrics["loss"]))
+
+
+def test_step_compiles_once_and_updates_in_place():
+    head = make_head(8, 0.01, margins.arcface(), optimizer=optim.sgd(0.1, 0.9, 5e-4), num_classes=8 * 4096, dim=64)
+    traced = chex.assert_max_traces(head.step, n=1)
+    batch = sharding.batch_sharding(head.mesh)
+    step = jax.jit(
+        traced,
+        in_shardings=(head.state_shardings(), batch, batch, sharding.replicated(head.mesh)),
+        donate_argnums=(0,),
+    )
+    state, embeddings, labels = inputs(head)
+    for i in range(3):
+        state, _, metrics = step(state, embeddings + i, (labels + i) % head.num_classes, jax.random.key(i))
+    assert np.isfinite(float(metrics["loss"]))
+
+    # Memory: the only num_local x D buffers are the donated centers and momentum,
+    # updated in place. Per device, temporaries stay far below one such buffer.
+    row_bytes = head.num_local * head.embedding_dim * 4
+    compiled = step.lower(state, embeddings, labels, jax.random.key(0)).compile()
+    memory = compiled.memory_analysis()
+    assert memory.alias_size_in_bytes >= 2 * row_bytes  # centers + momentum aliased
+    assert memory.temp_size_in_bytes < row_bytes // 4, memory
+    chex.clear_trace_counter()
+
+
+def test_invalid_labels_are_counted_and_batch_must_divide():
+    head = make_head(4, 1.0, margins.cosface())
+    state, embeddings, labels = inputs(head)
+    bad = labels.at[0].set(NUM_CLASSES).at[1].set(-1)  # just past the end: a padding row
+    _, metrics, _, _ = head_loss_and_grads(head, state, embeddings, bad, jax.random.key(0))
+    assert int(metrics["invalid_labels"]) == 2
+    with pytest.raises(ValueError, match="not divisible by the 4 devices"):
+        head.sample(labels[:6], jax.random.key(0))
+
+
+def test_config_errors_name_the_field():
+    mesh = sharding.make_mesh(jax.devices()[:2])
+    with pytest.raises(ValueError, match="sample_rate must be in"):
+        PartialFC(mesh, 10, 4, 1.5, margins.arcface(), optax.sgd(0.1))
+    with pytest.raises(ValueError, match="num_classes"):
+        PartialFC(mesh, 0, 4, 0.1, margins.arcface(), optax.sgd(0.1))
