@@ -1,0 +1,50 @@
+"""The benchmark CLI runs end to end and reports what it promises (no timing asserts)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_bench(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "pfc_jax.bench", *args],
+        capture_output=True, text=True, timeout=300,
+        # The bench fakes its own CPU devices; drop the 8 that conftest asked for.
+        env={**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def test_head_json_on_fake_devices():
+    out = run_bench("head", "--classes", "1003", "--batch", "32", "--dim", "16",
+                    "--rate", "0.1", "--devices", "4", "--steps", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["devices"] == 4 and result["platform"] == "cpu"
+    assert result["num_local"] == 251 and result["num_sample"] == 32
+    assert result["ms_min"] <= result["ms_per_step"] <= result["ms_max"]
+    assert result["loss_last"] < result["loss_first"]  # fixed batch: the centers learn it
+    assert result["centers_and_state_bytes"] == 251 * 16 * 4 * 2  # + SGD momentum
+    assert result["compiled_temp_bytes"] > 0
+
+
+def test_head_text_output():
+    out = run_bench("head", "--classes", "100", "--batch", "8", "--dim", "8", "--steps", "2")
+    assert out.returncode == 0, out.stderr
+    assert "ms/step: median" in out.stdout and "sampled per shard" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--rate", "1.5"], "--rate must be in [0, 1]"),
+        (["--batch", "30", "--devices", "4"], "must be a multiple of --devices 4"),
+        (["--devices", "0"], "--devices must be >= 1"),
+    ],
+)
+def test_head_bad_arguments(args, message):
+    out = run_bench("head", "--classes", "100", "--dim", "8", "--steps", "1", *args)
+    assert out.returncode != 0
+    assert message in out.stderr
