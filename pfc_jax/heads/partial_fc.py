@@ -208,7 +208,9 @@ class PartialFC:
         """Mean margin-softmax cross-entropy over the global batch, and metrics.
 
         Differentiable w.r.t. ``embeddings`` [B_g, D] (sharded on ``data``, any float
-        dtype) and ``rows`` (from :meth:`gather`). Returns ``(loss, metrics)``, both fp32.
+        dtype) and ``rows`` (from :meth:`gather`). Returns ``(loss, metrics)``: the fp32
+        loss; ``accuracy`` (top-1 among the sampled classes), ``invalid_labels`` (labels
+        outside ``[0, num_classes)``) and ``sampled_classes`` (columns in the softmax).
         """
         self._check_batch(embeddings.shape[0])
         margin, dtype = self.margin, self.logits_dtype
