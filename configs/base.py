@@ -1,0 +1,83 @@
+"""Every field of a pfc_jax run, with its default. Recipes start from this and override.
+
+    python -m pfc_jax.main --config configs/synthetic.py --workdir /tmp/pfc_demo \
+        --config.head.sample_rate=0.1
+
+Any field can be overridden on the command line as ``--config.<path>=<value>``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.seed = 0  # initialization, class sampling and data order all derive from it
+    # Images per optimizer step over all devices and processes (arcface_torch recipes:
+    # 128 per GPU x 8 GPUs = 1024). Must be a multiple of grad_accum_steps x devices.
+    c.global_batch_size = 1024
+    c.grad_accum_steps = 1  # micro-batches per step; gradients are averaged over them
+    c.num_epochs = 20.0  # run length in passes over the dataset (used when total_steps = 0)
+    c.total_steps = 0  # > 0: run length in steps, overriding num_epochs
+    # > 0: save a checkpoint and exit after this step (time-limited jobs); the LR
+    # schedule still spans the whole run, and the next start resumes from there.
+    c.stop_at_step = 0
+    c.dtype = "float32"  # backbone compute dtype: float32 | bfloat16 (loss, master weights fp32)
+
+    # Backbone (pfc_jax.models.BACKBONES).
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "iresnet50"
+    c.model.embedding_dim = 512
+    c.model.dropout = 0.0  # before the final FC (iResNet only)
+
+    # Classification head over all identities (Partial FC).
+    c.head = ml_collections.ConfigDict()
+    c.head.name = "partial_fc"
+    c.head.sample_rate = 1.0  # fraction of class centers per step; 1.0 = full softmax
+    c.head.weight_decay = 5e-4  # weight decay of the class centers (sampled rows only)
+    c.head.logits_dtype = "float32"  # float32 | bfloat16 operands of the logits matmul
+    # Combined margin s * (cos(m1*theta + m2) - m3): ArcFace (1, 0.5, 0), CosFace (1, 0, 0.4).
+    c.head.margin = ml_collections.ConfigDict()
+    c.head.margin.s = 64.0
+    c.head.margin.m1 = 1.0
+    c.head.margin.m2 = 0.5
+    c.head.margin.m3 = 0.0
+    c.head.margin.gradient = "exact"  # exact | straight_through (arcface_torch's)
+    c.head.margin.interclass_filtering_threshold = 0.0  # 0 disables
+
+    # Optimizer for the backbone; the centers use the same kind and learning rate.
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"  # sgd | adamw
+    c.optimizer.lr = 0.1  # peak learning rate
+    c.optimizer.momentum = 0.9  # sgd
+    c.optimizer.nesterov = False  # sgd
+    c.optimizer.weight_decay = 5e-4  # backbone; sgd: coupled L2, adamw: decoupled
+    c.optimizer.b1 = 0.9  # adamw
+    c.optimizer.b2 = 0.999  # adamw
+    c.optimizer.eps = 1e-8  # adamw
+    c.optimizer.clip_grad_norm = 5.0  # global-norm clipping of backbone gradients; 0 disables
+
+    # Learning-rate schedule: linear warmup from 0, then decay to end_lr_factor * lr.
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.name = "polynomial"  # polynomial | cosine | constant
+    c.schedule.warmup_epochs = 0.0
+    c.schedule.power = 2.0  # polynomial: arcface_torch's PolyScheduler uses 2
+    c.schedule.end_lr_factor = 0.0
+
+    # Data.
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"  # synthetic | recordio | tfds | folder
+    c.data.path = ""  # dataset directory (every source but synthetic)
+    c.data.image_size = 112
+    c.data.workers = 2  # host threads decoding/generating images
+    c.data.synthetic = ml_collections.ConfigDict()
+    c.data.synthetic.num_identities = 1000
+    c.data.synthetic.images_per_identity = 50
+    c.data.synthetic.seed = 0  # which synthetic world (independent of c.seed)
+
+    # Logging and checkpoints.
+    c.log_every_steps = 50  # console, metrics.jsonl, TensorBoard
+    c.checkpoint_every_steps = 2000  # plus one at the end and on SIGTERM
+    c.keep_checkpoints = 3
+    c.tensorboard = True
+    return c

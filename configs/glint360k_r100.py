@@ -1,0 +1,35 @@
+"""Glint360K: 360,232 identities, 17,091,657 images; iResNet-100, CosFace.
+
+The arcface_torch recipe for this dataset (8 GPUs x 128 images, SGD, polynomial decay),
+in bfloat16. The dataset path has no default: point it at the folder with train.rec,
+train.idx and property:
+
+    python -m pfc_jax.main --config configs/glint360k_r100.py --workdir /runs/glint360k_r100 \
+        --config.data.path=/data/glint360k
+"""
+
+import pathlib
+import runpy
+
+base = runpy.run_path(str(pathlib.Path(__file__).with_name("base.py")))
+
+
+def get_config():
+    c = base["get_config"]()
+    c.global_batch_size = 1024
+    c.num_epochs = 20.0
+    c.dtype = "bfloat16"
+    c.model.name = "iresnet100"
+    c.head.sample_rate = 1.0
+    c.head.margin.m1 = 1.0
+    c.head.margin.m2 = 0.0
+    c.head.margin.m3 = 0.4
+    c.head.weight_decay = 1e-4
+    c.optimizer.lr = 0.1
+    c.optimizer.weight_decay = 1e-4
+    c.schedule.warmup_epochs = 0.0
+    c.data.source = "recordio"
+    c.data.path = ""  # required: --config.data.path=...
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 5000
+    return c
