@@ -99,3 +99,53 @@ def write_index(index: jax.Array, keep: jax.Array, num_rows: int) -> jax.Array:
     """``index`` where ``keep``, else a unique out-of-bounds row, for :meth:`SparseRows.scatter`."""
     return jnp.where(keep, index, num_rows + jnp.arange(index.shape[0], dtype=index.dtype))
 
+
+
+# ---- from the run config -----------------------------------------------------------------
+
+
+def schedule(config, *, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to ``config.optimizer.lr``, then polynomial / cosine / constant.
+
+    Polynomial is ``lr * (1 - t)^power`` over the post-warmup fraction ``t`` (arcface_torch's
+    PolyScheduler with power 2), floored at ``end_lr_factor * lr``.
+    """
+    peak = config.optimizer.lr
+    end = config.schedule.end_lr_factor * peak
+    decay_steps = max(total_steps - warmup_steps, 1)
+    name = config.schedule.name
+    if name == "polynomial":
+        decay = optax.polynomial_schedule(peak, end, config.schedule.power, decay_steps)
+    elif name == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.schedule.end_lr_factor)
+    elif name == "constant":
+        decay = optax.constant_schedule(peak)
+    else:
+        raise ValueError(f"unknown schedule {name!r}")
+    if warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, peak, warmup_steps)
+    return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def _make(config, learning_rate, weight_decay: float) -> optax.GradientTransformation:
+    o = config.optimizer
+    if o.name == "sgd":
+        return sgd(learning_rate, momentum=o.momentum, weight_decay=weight_decay, nesterov=o.nesterov)
+    if o.name == "adamw":
+        return adamw(learning_rate, weight_decay=weight_decay, b1=o.b1, b2=o.b2, eps=o.eps)
+    raise ValueError(f"unknown optimizer {o.name!r}")
+
+
+def backbone_optimizer(config, learning_rate) -> optax.GradientTransformation:
+    """Global-norm clipping (if enabled), then SGD or AdamW with the backbone's weight decay."""
+    tx = _make(config, learning_rate, config.optimizer.weight_decay)
+    if config.optimizer.clip_grad_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(config.optimizer.clip_grad_norm), tx)
+    return tx
+
+
+def head_optimizer(config, learning_rate) -> optax.GradientTransformation:
+    """The same optimizer for the class centers, with their own weight decay, no clipping
+    (it would see only the sampled rows; see :class:`SparseRows`)."""
+    return _make(config, learning_rate, config.head.weight_decay)

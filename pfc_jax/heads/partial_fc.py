@@ -149,21 +149,22 @@ class PartialFC:
         rows, whole = sharding.row_sharding(self.mesh), sharding.replicated(self.mesh)
         return HeadState(rows, jax.tree.map(lambda r: rows if r else whole, is_row))
 
-    def init(self, key: jax.Array, std: float = 0.01) -> HeadState:
-        """Centers ~ N(0, std^2) (padding rows zero) and fresh optimizer state, sharded.
+    def init_state(self, key: jax.Array, std: float = 0.01) -> HeadState:
+        """Centers ~ N(0, std^2) (padding rows zero) and fresh optimizer state.
 
-        Each device generates only its own rows. A class's initial center depends on the
-        key alone, not on the device count.
+        Pure; under ``jax.jit`` with :meth:`state_shardings` each device generates only
+        its own rows. A class's initial center depends on the key alone, not on the
+        device count.
         """
+        shape = (self.num_classes_padded, self.embedding_dim)
+        centers = std * jax.random.normal(key, shape, jnp.float32)
+        real = jnp.arange(shape[0])[:, None] < self.num_classes
+        centers = jnp.where(real, centers, 0.0)
+        return HeadState(centers, self.optimizer.init(centers))
 
-        def init(key):
-            shape = (self.num_classes_padded, self.embedding_dim)
-            centers = std * jax.random.normal(key, shape, jnp.float32)
-            real = jnp.arange(shape[0])[:, None] < self.num_classes
-            centers = jnp.where(real, centers, 0.0)
-            return HeadState(centers, self.optimizer.init(centers))
-
-        return jax.jit(init, out_shardings=self.state_shardings())(key)
+    def init(self, key: jax.Array, std: float = 0.01) -> HeadState:
+        """:meth:`init_state`, compiled and sharded."""
+        return jax.jit(functools.partial(self.init_state, std=std), out_shardings=self.state_shardings())(key)
 
     # ---- the four stages -----------------------------------------------------------
 
