@@ -1,0 +1,296 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+Reads top to bottom: mesh and config checks, input, model and head, restore or
+initialize, compile, loop (step, log, checkpoint), finish.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from pfc_jax import checkpoint, models, optim, sharding
+from pfc_jax.config_validation import ConfigError, validate, validate_run_length
+from pfc_jax.data.loader import Loader
+from pfc_jax.data.synthetic import SyntheticIdentities
+from pfc_jax.heads.margins import CombinedMargin
+from pfc_jax.heads.partial_fc import PartialFC
+from pfc_jax.reporting import Reporter
+from pfc_jax.step import TrainState, TrainStep
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; the message names the step, the last good checkpoint and fixes."""
+
+
+def make_source(config: ml_collections.ConfigDict):
+    """The dataset named by ``config.data`` (a random-access source)."""
+    d = config.data
+    if d.source == "synthetic":
+        s = d.synthetic
+        return SyntheticIdentities(
+            s.num_identities, s.images_per_identity, image_size=d.image_size, seed=s.seed
+        )
+    raise ConfigError(f"config.data.source = {d.source!r} is not available in this version")
+
+
+def run_length(config, num_examples: int) -> tuple[int, int]:
+    """(total_steps, warmup_steps) from the config and the dataset size."""
+    steps_per_epoch = num_examples / config.global_batch_size
+    total = config.total_steps or int(math.ceil(config.num_epochs * steps_per_epoch))
+    warmup = int(round(config.schedule.warmup_epochs * steps_per_epoch))
+    return total, warmup
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything built from a config before the state exists."""
+
+    trainer: TrainStep
+    params: dict  # initial backbone parameters
+    batch_stats: dict
+    num_params: int
+    total_steps: int
+    warmup_steps: int
+    meta: dict  # written with every checkpoint
+
+
+def build(config, mesh, *, num_classes: int, num_examples: int) -> Setup:
+    """Model, head, optimizers and the step for ``config`` on ``mesh``."""
+    total_steps, warmup_steps = run_length(config, num_examples)
+    validate_run_length(config, total_steps=total_steps, warmup_steps=warmup_steps)
+    dtype = DTYPES[config.dtype]
+    model = models.create(
+        config.model.name,
+        embedding_dim=config.model.embedding_dim,
+        image_size=config.data.image_size,
+        dropout=config.model.dropout,
+        dtype=dtype,
+        seed=config.seed,
+    )
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    lr = optim.schedule(config, total_steps=total_steps, warmup_steps=warmup_steps)
+    head = PartialFC(
+        mesh,
+        num_classes=num_classes,
+        embedding_dim=config.model.embedding_dim,
+        sample_rate=config.head.sample_rate,
+        margin=CombinedMargin(**config.head.margin.to_dict()),
+        optimizer=optim.head_optimizer(config, lr),
+        logits_dtype=DTYPES[config.head.logits_dtype],
+    )
+    trainer = TrainStep(
+        graphdef,
+        head,
+        optim.backbone_optimizer(config, lr),
+        lr,
+        grad_accum_steps=config.grad_accum_steps,
+        dtype=dtype,
+    )
+    meta = {
+        "model": {
+            "name": config.model.name,
+            "embedding_dim": config.model.embedding_dim,
+            "image_size": config.data.image_size,
+            "dropout": config.model.dropout,
+        },
+        "num_classes": num_classes,
+        "num_devices": mesh.size,
+        "num_classes_padded": head.num_classes_padded,
+        "global_batch_size": config.global_batch_size,
+        "total_steps": total_steps,
+    }
+    return Setup(
+        trainer, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats), models.count_params(model),
+        total_steps, warmup_steps, meta,
+    )
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop polls, so it can save before exiting."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _global_batch(mesh, images: np.ndarray, labels: np.ndarray):
+    batch = sharding.batch_sharding(mesh)
+    return (
+        jax.make_array_from_process_local_data(batch, images),
+        jax.make_array_from_process_local_data(batch, labels),
+    )
+
+
+def _check_restored(meta: dict, setup: Setup, step: int, directory) -> None:
+    for key in ("num_classes",):
+        if meta[key] != setup.meta[key]:
+            raise checkpoint.CheckpointError(
+                f"checkpoint step {step} in {directory} has {key}={meta[key]}, this run's "
+                f"dataset has {setup.meta[key]}: use the same dataset or a new --workdir"
+            )
+    if meta["model"] != setup.meta["model"]:
+        raise checkpoint.CheckpointError(
+            f"checkpoint step {step} in {directory} was written by model {meta['model']}, "
+            f"this config builds {setup.meta['model']}: use the same model or a new --workdir"
+        )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains per ``config``, resuming from ``workdir`` if it holds a checkpoint."""
+    # ---- Mesh and config ---------------------------------------------------------------
+    mesh = sharding.make_mesh()
+    validate(config, num_devices=mesh.size)
+    workdir = pathlib.Path(workdir).absolute()
+    lead = jax.process_index() == 0
+    if lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+        print(f"config:\n{config}", flush=True)
+
+    # ---- Input -----------------------------------------------------------------------------
+    source = make_source(config)
+    loader = Loader(
+        source,
+        config.global_batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        workers=config.data.workers,
+    )
+
+    # ---- Model, head, optimizers -------------------------------------------------------
+    setup = build(config, mesh, num_classes=source.num_classes, num_examples=len(source))
+    trainer = setup.trainer
+    end_step = config.stop_at_step or setup.total_steps
+
+    # ---- Restore or initialize ---------------------------------------------------------
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        _check_restored(ckpt.read_meta(latest), setup, latest, ckpt.directory)
+        state, data_state, _ = ckpt.restore(latest, trainer.abstract_state(setup.params, setup.batch_stats))
+        loader.restore(data_state)
+        what = f"resumed from checkpoint step {latest}"
+    else:
+        state = trainer.init(setup.params, setup.batch_stats, jax.random.key(config.seed))
+        what = "initialized a new run"
+    start_step = int(jax.device_get(state.step))
+
+    reporter = Reporter(
+        workdir,
+        total_steps=setup.total_steps,
+        start_step=start_step,
+        global_batch=config.global_batch_size,
+        enabled=lead,
+        tensorboard=config.tensorboard,
+    )
+    reporter.message(
+        f"{what} in {workdir}: {config.model.name} ({setup.num_params:,} parameters), "
+        f"{source.num_classes:,} classes on {mesh.size} device(s) "
+        f"({trainer.head.num_local:,} centers each, {trainer.head.num_sample(config.global_batch_size):,} "
+        f"sampled per step), {len(source):,} images, steps {start_step} -> {end_step} of "
+        f"{setup.total_steps}"
+    )
+    if start_step >= end_step:
+        reporter.message(f"nothing to do: the checkpoint is at step {start_step}")
+        reporter.close()
+        ckpt.close()
+        return state
+
+    # ---- Compile (once, ahead of time) -------------------------------------------------
+    images, labels = _global_batch(mesh, *next(loader))
+    compiled = trainer.jit(setup.params, setup.batch_stats).lower(state, images, labels).compile()
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        reporter.message(
+            "compiled step, per device: "
+            f"arguments {memory.argument_size_in_bytes / 2**20:,.1f} MiB, "
+            f"temporaries {memory.temp_size_in_bytes / 2**20:,.1f} MiB, "
+            f"outputs {memory.output_size_in_bytes / 2**20:,.1f} MiB "
+            f"(aliased to inputs {memory.alias_size_in_bytes / 2**20:,.1f} MiB)"
+        )
+
+    # ---- Loop ------------------------------------------------------------------------------
+    preemption = _Preemption()
+    reporter.reset_clock(start_step)
+    last_saved = latest
+    step = start_step
+    try:
+        for step in range(start_step + 1, end_step + 1):
+            # `images, labels` are batch `step`; the loader already points at the next one.
+            data_position = loader.state()
+            state, metrics = compiled(state, images, labels)
+            # Read the flag once: a SIGTERM arriving later in this iteration is handled
+            # (saved, then exit) in the next one.
+            preempted = preemption.requested
+            is_last = step == end_step
+            log_now = step % config.log_every_steps == 0 or is_last
+            save_now = step % config.checkpoint_every_steps == 0 or is_last or preempted
+            if log_now or save_now:
+                metrics = jax.device_get(metrics)
+                _check_finite(metrics, step, last_saved, ckpt)
+                if int(metrics["invalid_labels"]):
+                    raise ValueError(
+                        f"step {step}: {int(metrics['invalid_labels'])} labels outside "
+                        f"[0, {source.num_classes}): the dataset's labels do not match its class count"
+                    )
+                if log_now:
+                    reporter.log(step, metrics)
+                if save_now:  # only ever a state whose loss is finite
+                    last_saved = ckpt.save(state, data_position, setup.meta)
+            if preempted:
+                ckpt.wait()
+                reporter.message(
+                    f"SIGTERM: saved checkpoint step {step} in {ckpt.directory}; "
+                    "run the same command again to resume"
+                )
+                break
+            if not is_last:
+                images, labels = _global_batch(mesh, *next(loader))
+    finally:
+        preemption.restore()
+        ckpt.close()  # waits for pending saves: the last good checkpoint is complete
+        reporter.close()
+        loader.close()
+    if step == end_step:
+        reporter.message(f"done: step {step}, checkpoint in {ckpt.directory}")
+    return state
+
+
+def _check_finite(metrics, step: int, last_saved: int | None, ckpt) -> None:
+    """Stops on a non-finite loss or gradient (which would make the new state non-finite)."""
+    values = {name: float(metrics[name]) for name in ("loss", "grad_norm", "head_grad_norm")}
+    if all(math.isfinite(v) for v in values.values()):
+        return
+    loss = ", ".join(f"{name} {v}" for name, v in values.items())
+    ckpt.wait()
+    kept = (
+        f"checkpoint step {last_saved} in {ckpt.directory} is intact"
+        if last_saved is not None
+        else "no checkpoint was written"
+    )
+    raise TrainingDiverged(
+        f"non-finite training at step {step} ({loss}); stopped without saving ({kept}). Lower the "
+        "learning rate (--config.optimizer.lr), enable gradient clipping "
+        "(--config.optimizer.clip_grad_norm=5) or a warmup (--config.schedule.warmup_epochs), "
+        "or train in float32 (--config.dtype=float32)"
+    )

@@ -1,0 +1,214 @@
+"""End to end: the real `python -m pfc_jax.main` on tiny synthetic runs in subprocesses.
+
+Exact resume across a real process restart, resume on another device count, SIGTERM,
+divergence, bad configs, and the backbone-only export.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from pfc_jax import checkpoint
+
+ROOT = pathlib.Path(__file__).parents[1]
+# 37 identities (padded to 40 on 8 or 4 devices, 37 on 1) x 4 images / batch 16 = 9 steps
+# per epoch: 12 steps cross an epoch boundary.
+TINY = [
+    "--config.model.name=iresnet_narrow",
+    "--config.model.embedding_dim=16",
+    "--config.data.image_size=32",
+    "--config.global_batch_size=16",
+    "--config.data.synthetic.num_identities=37",
+    "--config.data.synthetic.images_per_identity=4",
+    "--config.total_steps=12",
+    "--config.log_every_steps=2",
+    "--config.checkpoint_every_steps=4",
+]
+
+
+def main_cmd(workdir, *overrides):
+    return [sys.executable, "-m", "pfc_jax.main", "--config", str(ROOT / "configs" / "synthetic.py"),
+            "--workdir", str(workdir), *TINY, *overrides]
+
+
+def env(devices):
+    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    e.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+             PYTHONUNBUFFERED="1")
+    return e
+
+
+def run_main(workdir, *overrides, devices=8):
+    out = subprocess.run(main_cmd(workdir, *overrides), capture_output=True, text=True, timeout=600,
+                         env=env(devices), cwd=ROOT)
+    return out
+
+
+def train_tree(workdir, step):
+    """The saved `train` and `backbone` items of a checkpoint, as numpy."""
+    path = pathlib.Path(workdir) / "checkpoints" / str(step)
+    out = {}
+    for item in ("train", "backbone"):
+        tree = ocp.PyTreeCheckpointer().restore(path / item)
+        out[item] = jax.tree.map(np.asarray, tree)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A: 12 steps straight. B: stop at 6, then a new process resumes to 12.
+    Copies of B at step 6 are kept for the device-count tests."""
+    base = tmp_path_factory.mktemp("runs")
+    a, b = base / "a", base / "b"
+    out_a = run_main(a)
+    out_b1 = run_main(b, "--config.stop_at_step=6")
+    copies = {n: base / f"b{n}" for n in (4, 1)}
+    for path in copies.values():
+        shutil.copytree(b, path)
+    out_b2 = run_main(b)
+    return dict(a=a, b=b, out_a=out_a, out_b1=out_b1, out_b2=out_b2, copies=copies)
+
+
+def test_main_writes_what_the_readme_promises(runs):
+    out, workdir = runs["out_a"], runs["a"]
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "initialized a new run" in out.stdout and "done: step 12" in out.stdout
+    assert "[12/12]" in out.stdout and "img/s" in out.stdout and "ETA" in out.stdout
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["model"]["name"] == "iresnet_narrow" and config["total_steps"] == 12
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
+    for key in ("loss", "lr", "samples_per_sec", "accuracy", "grad_norm"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    assert records[-1]["loss"] < records[0]["loss"]
+    events = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and b"train/loss" in events[0].read_bytes()
+    # keep_checkpoints=3 of the saves at 4, 8, 12.
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [4, 8, 12]
+
+
+def test_resume_after_restart_is_bit_identical(runs):
+    assert runs["out_b1"].returncode == 0, runs["out_b1"].stderr[-3000:]
+    assert "steps 0 -> 6 of 12" in runs["out_b1"].stdout
+    assert runs["out_b2"].returncode == 0, runs["out_b2"].stderr[-3000:]
+    assert "resumed from checkpoint step 6" in runs["out_b2"].stdout
+    straight, resumed = train_tree(runs["a"], 12), train_tree(runs["b"], 12)
+    flat_a = jax.tree_util.tree_leaves_with_path(straight)
+    flat_b = dict(jax.tree_util.tree_leaves_with_path(resumed))
+    assert len(flat_a) == len(flat_b) > 50
+    for path, leaf in flat_a:
+        np.testing.assert_array_equal(leaf, flat_b[path], err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("devices", [4, 1])
+def test_continue_on_another_device_count(runs, devices):
+    workdir = runs["copies"][devices]
+    out = run_main(workdir, devices=devices)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from checkpoint step 6" in out.stdout
+    assert f"37 classes on {devices} device(s)" in out.stdout
+    saved = train_tree(workdir, 12)
+    assert saved["train"]["head"]["centers"].shape[0] == {4: 40, 1: 37}[devices]
+    meta = json.loads((workdir / "checkpoints" / "12" / "meta" / "metadata").read_text())
+    assert meta["num_devices"] == devices
+
+
+def test_restore_reshards_centers_in_process(runs):
+    """The 8-device checkpoint at step 6, restored on 8, 4 and 1 devices: same values."""
+    from flax import nnx  # noqa: F401  (models build through train.build)
+
+    import runpy
+
+    from pfc_jax import sharding, train
+
+    config = runpy.run_path(str(ROOT / "configs" / "synthetic.py"))["get_config"]()
+    for flag in TINY:
+        key, value = flag.removeprefix("--config.").split("=")
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = type(node[leaf])(value)
+    ckpt = checkpoint.Checkpointer(runs["copies"][1] / "checkpoints")  # still holds step 6 @ 8 devices
+    restored = {}
+    for n in (8, 4, 1):
+        mesh = sharding.make_mesh(jax.devices()[:n])
+        setup = train.build(config, mesh, num_classes=37, num_examples=148)
+        abstract = setup.trainer.abstract_state(setup.params, setup.batch_stats)
+        state, data, meta = ckpt.restore(6, abstract)
+        assert state.head.centers.shape[0] == setup.trainer.head.num_classes_padded
+        assert len(state.head.centers.sharding.device_set) == n
+        assert meta["num_devices"] == 8 and data["batch"] == 6
+        restored[n] = jax.tree.map(np.asarray, state)
+    for n in (4, 1):
+        np.testing.assert_array_equal(restored[n].head.centers[:37], restored[8].head.centers[:37])
+        momentum = lambda s: s.head.opt_state[1][0].trace[:37]  # SGD: (decay, (trace,...))
+        np.testing.assert_array_equal(momentum(restored[n]), momentum(restored[8]))
+        for a, b in zip(jax.tree.leaves(restored[n].params), jax.tree.leaves(restored[8].params)):
+            np.testing.assert_array_equal(a, b)
+    assert restored[1].head.centers.shape[0] == 37
+    assert not restored[8].head.centers[37:].any()  # padding rows stay zero
+    ckpt.close()
+
+
+def test_backbone_export_loads_without_centers(runs):
+    model, meta = checkpoint.load_backbone(runs["a"])
+    assert meta["step"] == 12 and meta["model"]["name"] == "iresnet_narrow"
+    y = model(np.zeros((2, 32, 32, 3), np.float32), train=False)
+    assert y.shape == (2, 16) and np.isfinite(y).all()
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint for step 5"):
+        checkpoint.load_backbone(runs["a"], step=5)
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoints/ directory"):
+        checkpoint.load_backbone(runs["a"] / "nowhere")
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    proc = subprocess.Popen(
+        main_cmd(tmp_path, "--config.total_steps=100000", "--config.log_every_steps=1",
+                 "--config.checkpoint_every_steps=100000"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(8), cwd=ROOT,
+    )
+    deadline = time.time() + 300
+    for line in proc.stdout:
+        if line.startswith("[") and int(line[1:].split("/")[0]) >= 3:
+            break
+        assert time.time() < deadline, "no progress"
+    proc.send_signal(signal.SIGTERM)
+    rest, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM: saved checkpoint step" in rest
+    step = int(rest.split("SIGTERM: saved checkpoint step ")[1].split()[0])
+    assert step >= 3
+    assert (tmp_path / "checkpoints" / str(step)).is_dir(), sorted(os.listdir(tmp_path / "checkpoints"))
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = run_main(tmp_path, "--config.optimizer.lr=1e30", "--config.optimizer.clip_grad_norm=0",
+                   "--config.log_every_steps=1", "--config.checkpoint_every_steps=1",
+                   "--config.schedule.warmup_epochs=0")
+    assert out.returncode == 1
+    assert "non-finite training at step" in out.stderr and "is intact" in out.stderr
+    bad = int(out.stderr.split("non-finite training at step ")[1].split()[0])
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+    assert saved and max(saved) == bad - 1
+    tree = train_tree(tmp_path, max(saved))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(tree) if x.dtype.kind == "f")
+
+
+def test_bad_config_stops_before_compiling(tmp_path):
+    out = run_main(tmp_path, "--config.head.sample_rate=1.5")
+    assert out.returncode == 2
+    assert "config.head.sample_rate = 1.5: must be in [0.0, 1.0]" in out.stderr
+    assert "compiled step" not in out.stdout
+    out = run_main(tmp_path, "--config.global_batch_size=12")
+    assert out.returncode == 2 and "multiple of grad_accum_steps x devices" in out.stderr
