@@ -1,12 +1,18 @@
 """Throughput and memory benchmarks.
 
     python -m pfc_jax.bench head --classes 1000000 --batch 256 --dim 512 --rate 0.1
+    python -m pfc_jax.bench train --config configs/synthetic.py
 
 ``head`` times one whole Partial FC head step (sample, gather, forward, backward, sparse
 optimizer update) on a fixed batch of embeddings, with a new sampling key every step.
 It prints the median / min / max milliseconds per step, the per-device sizes that
 dominate memory (centers + optimizer rows, the logits) and the peak device memory where
 the backend reports it (GPU/TPU), else XLA's compiled estimate.
+
+``train`` times the whole train step of a config (backbone forward/backward, head,
+both optimizer updates) on a fixed synthetic batch, and the backbone alone (forward,
+backward and its optimizer, no head) on the same batch: the ratio is the head's
+overhead. Flags override the config's classes, sample rate, backbone, batch and dtype.
 """
 
 from __future__ import annotations
@@ -33,7 +39,26 @@ def _parse(argv):
     head.add_argument("--margin", choices=("arcface", "cosface"), default="arcface")
     head.add_argument("--logits-dtype", choices=("float32", "bfloat16"), default="float32")
     head.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    train = sub.add_parser("train", help="time the full train step of a config")
+    train.add_argument("--config", required=True, help="config file, e.g. configs/synthetic.py")
+    train.add_argument("--classes", type=int, default=None, help="number of identities (default: the config's dataset)")
+    train.add_argument("--rate", type=float, default=None, help="sample rate (default: the config's)")
+    train.add_argument("--backbone", default=None, help="backbone name (default: the config's)")
+    train.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
+    train.add_argument("--dtype", choices=("float32", "bfloat16", "bf16"), default=None)
+    train.add_argument("--devices", type=int, default=None, help="devices to use (default: all; on CPU, fakes this many)")
+    train.add_argument("--steps", type=int, default=10)
+    train.add_argument("--warmup", type=int, default=2)
+    train.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "train":
+        for name in ("classes", "batch", "devices"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                parser.error(f"--{name} must be >= 1")
+        if args.steps < 1:
+            parser.error("--steps must be >= 1")
+        if args.rate is not None and not 0.0 <= args.rate <= 1.0:
+            parser.error("--rate must be in [0, 1]")
     if args.command == "head":
         for name in ("classes", "batch", "dim", "steps"):
             if getattr(args, name) < 1:
@@ -149,13 +174,117 @@ def bench_head(args) -> dict:
         # Per device: what dominates memory.
         "centers_and_state_bytes": head.num_local * args.dim * 4 * (1 + row_leaves),
         "logits_bytes": args.batch * num_sample * 4,
-        "compiled_temp_bytes": memory.temp_size_in_bytes if memory else None,
-        "compiled_total_bytes": (
-            memory.argument_size_in_bytes + memory.output_size_in_bytes
-            - memory.alias_size_in_bytes + memory.temp_size_in_bytes
-        ) if memory else None,
+        **_compiled_bytes(memory),
         "peak_bytes": _device_peak_bytes(devices),
     }
+
+
+def _time(fn, state, *args, warmup: int, steps: int):
+    """Runs ``state = fn(state, *args)[0]`` warmup + steps times; (state, ms per step list)."""
+    import jax
+
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        out = fn(state, *args)
+        jax.block_until_ready(out)
+        state = out[0]
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return state, times
+
+
+def bench_train(args) -> dict:
+    import pathlib
+    import runpy
+
+    import jax
+    import numpy as np
+
+    from pfc_jax import sharding, train
+    from pfc_jax.config_validation import validate
+
+    devices = _select_devices(args.devices)
+    mesh = sharding.make_mesh(devices)
+    config = runpy.run_path(str(pathlib.Path(args.config)))["get_config"]()
+    if args.rate is not None:
+        config.head.sample_rate = args.rate
+    if args.backbone is not None:
+        config.model.name = args.backbone
+    if args.batch is not None:
+        config.global_batch_size = args.batch
+    if args.dtype is not None:
+        config.dtype = "bfloat16" if args.dtype == "bf16" else args.dtype
+    config.total_steps = config.total_steps or 1000
+    config.data.source, config.data.path = "synthetic", ""  # never read a dataset here
+    validate(config, num_devices=len(devices))
+    num_classes = args.classes or config.data.synthetic.num_identities
+    setup = train.build(config, mesh, num_classes=num_classes, num_examples=10 * config.global_batch_size)
+    trainer = setup.trainer
+    state = trainer.init(setup.params, setup.batch_stats, jax.random.key(config.seed))
+
+    rng = np.random.default_rng(0)
+    b, size = config.global_batch_size, config.data.image_size
+    batch = sharding.batch_sharding(mesh)
+    images = jax.device_put(rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8), batch)
+    labels = jax.device_put(rng.integers(0, num_classes, b).astype(np.int32), batch)
+
+    start = time.perf_counter()
+    full = trainer.jit(setup.params, setup.batch_stats).lower(state, images, labels).compile()
+    compile_s = time.perf_counter() - start
+    memory = full.memory_analysis()
+    state, full_ms = _time(full, state, images, labels, warmup=args.warmup, steps=args.steps)
+    peak_full = _device_peak_bytes(devices)
+
+    # The backbone alone: forward, backward (of a stand-in loss) and its optimizer.
+    def backbone_step(state, images):
+        def loss(params):
+            key = jax.random.key(0)
+            embeddings, stats = trainer.embed(params, state.batch_stats, images, key)
+            return jax.numpy.mean(jax.numpy.square(embeddings.astype(jax.numpy.float32))), stats
+
+        grads, stats = jax.grad(loss, has_aux=True)(state.params)
+        updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+        return state._replace(params=params, batch_stats=stats, opt_state=opt_state), None
+
+    shardings = trainer.state_shardings(setup.params, setup.batch_stats)
+    backbone = jax.jit(
+        backbone_step, in_shardings=(shardings, batch), out_shardings=(shardings, None), donate_argnums=(0,)
+    ).lower(state, images).compile()
+    state, backbone_ms = _time(backbone, state, images, warmup=args.warmup, steps=args.steps)
+
+    full_med, backbone_med = statistics.median(full_ms), statistics.median(backbone_ms)
+    return {
+        "benchmark": "train",
+        "config": args.config,
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "devices": len(devices),
+        "backbone": config.model.name,
+        "dtype": config.dtype,
+        "classes": num_classes,
+        "rate": config.head.sample_rate,
+        "batch": b,
+        "steps": args.steps,
+        "ms_per_step": full_med,
+        "samples_per_sec": b / full_med * 1e3,
+        "backbone_ms_per_step": backbone_med,
+        "backbone_samples_per_sec": b / backbone_med * 1e3,
+        "head_overhead": full_med / backbone_med - 1.0,
+        "compile_s": compile_s,
+        **_compiled_bytes(memory),
+        "peak_bytes": peak_full,
+    }
+
+
+def _compiled_bytes(memory) -> dict:
+    """XLA's per-device estimate: temporaries, and everything live (donated inputs once)."""
+    if memory is None:
+        return {"compiled_temp_bytes": None, "compiled_total_bytes": None}
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    return {"compiled_temp_bytes": memory.temp_size_in_bytes, "compiled_total_bytes": total}
 
 
 def _mib(n):
@@ -164,22 +293,32 @@ def _mib(n):
 
 def main(argv=None) -> None:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    result = bench_head(args)
+    r = bench_train(args) if args.command == "train" else bench_head(args)
     if args.json:
-        print(json.dumps(result))
-        return
-    r = result
-    print(
-        f"head step  C={r['classes']:,} B={r['batch']} D={r['dim']} rate={r['rate']} "
-        f"on {r['devices']} x {r['device_kind']} ({r['platform']})\n"
-        f"  sampled per shard: {r['num_sample']:,} of {r['num_local']:,} rows\n"
-        f"  ms/step: median {r['ms_per_step']:.2f}  min {r['ms_min']:.2f}  max {r['ms_max']:.2f}  "
-        f"({r['steps']} steps; compile {r['compile_s']:.1f} s)\n"
-        f"  per device: centers+optimizer rows {_mib(r['centers_and_state_bytes'])}, "
-        f"logits {_mib(r['logits_bytes'])}, compiled temporaries {_mib(r['compiled_temp_bytes'])}, "
-        f"compiled total {_mib(r['compiled_total_bytes'])}, peak {_mib(r['peak_bytes'])}\n"
-        f"  loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}"
-    )
+        print(json.dumps(r))
+    elif args.command == "train":
+        print(
+            f"train step  {r['backbone']} {r['dtype']}, C={r['classes']:,} rate={r['rate']} "
+            f"B={r['batch']} on {r['devices']} x {r['device_kind']} ({r['platform']})\n"
+            f"  full step: {r['samples_per_sec']:,.1f} samples/s ({r['ms_per_step']:.1f} ms/step, "
+            f"compile {r['compile_s']:.1f} s)\n"
+            f"  backbone alone: {r['backbone_samples_per_sec']:,.1f} samples/s "
+            f"({r['backbone_ms_per_step']:.1f} ms/step); head overhead {100 * r['head_overhead']:.1f}%\n"
+            f"  memory per device: compiled total {_mib(r['compiled_total_bytes'])}, "
+            f"temporaries {_mib(r['compiled_temp_bytes'])}, peak {_mib(r['peak_bytes'])}"
+        )
+    else:
+        print(
+            f"head step  C={r['classes']:,} B={r['batch']} D={r['dim']} rate={r['rate']} "
+            f"on {r['devices']} x {r['device_kind']} ({r['platform']})\n"
+            f"  sampled per shard: {r['num_sample']:,} of {r['num_local']:,} rows\n"
+            f"  ms/step: median {r['ms_per_step']:.2f}  min {r['ms_min']:.2f}  max {r['ms_max']:.2f}  "
+            f"({r['steps']} steps; compile {r['compile_s']:.1f} s)\n"
+            f"  per device: centers+optimizer rows {_mib(r['centers_and_state_bytes'])}, "
+            f"logits {_mib(r['logits_bytes'])}, compiled temporaries {_mib(r['compiled_temp_bytes'])}, "
+            f"compiled total {_mib(r['compiled_total_bytes'])}, peak {_mib(r['peak_bytes'])}\n"
+            f"  loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 def run_bench(*args):
     return subprocess.run(
         [sys.executable, "-m", "pfc_jax.bench", *args],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parents[1],
         # The bench fakes its own CPU devices; drop the 8 that conftest asked for.
         env={**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"},
     )
@@ -48,3 +49,16 @@ def test_head_bad_arguments(args, message):
     out = run_bench("head", "--classes", "100", "--dim", "8", "--steps", "1", *args)
     assert out.returncode != 0
     assert message in out.stderr
+
+
+def test_train_json_reports_full_step_and_backbone_alone():
+    out = run_bench("train", "--config", "configs/synthetic.py", "--backbone", "mobilefacenet_narrow",
+                    "--batch", "16", "--classes", "500", "--rate", "0.2", "--devices", "2",
+                    "--steps", "2", "--warmup", "1", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout)
+    assert r["benchmark"] == "train" and r["devices"] == 2 and r["classes"] == 500
+    assert r["backbone"] == "mobilefacenet_narrow" and r["batch"] == 16 and r["rate"] == 0.2
+    assert r["samples_per_sec"] > 0 and r["backbone_samples_per_sec"] > 0
+    assert r["head_overhead"] == pytest.approx(r["ms_per_step"] / r["backbone_ms_per_step"] - 1)
+    assert r["compiled_total_bytes"] > 0
