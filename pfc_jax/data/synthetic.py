@@ -8,7 +8,8 @@ Gaussian pixel noise. Everything is a pure function of ``(seed, identity, image)
 any example can be regenerated anywhere, in any order, by any process.
 
 Identities can be offset (``first_identity``) to draw held-out identities that never
-appear in training, e.g. for verification pairs.
+appear in training, e.g. for verification pairs. Examples are ``{"image", "label"}``
+dicts like every source in :mod:`pfc_jax.data.sources`.
 """
 
 from __future__ import annotations
@@ -59,12 +60,20 @@ class SyntheticIdentities:
     def __len__(self) -> int:
         return self.num_identities * self.images_per_identity
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    def __getitem__(self, index: int) -> dict:
+        """``{"image": uint8 [S, S, 3], "label": identity}``."""
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"synthetic example {index} out of range [0, {len(self)})")
         identity, image = divmod(index, self.images_per_identity)
-        return self.render(identity, image), identity
+        return {"image": self.render(identity, image), "label": identity}
+
+    def __repr__(self) -> str:
+        return (f"SyntheticIdentities({self.num_identities}, {self.images_per_identity}, "
+                f"image_size={self.image_size}, seed={self.seed}, first_identity={self.first_identity})")
+
+    def labels(self) -> np.ndarray:
+        return np.repeat(np.arange(self.num_identities, dtype=np.int32), self.images_per_identity)
 
     def template(self, identity: int) -> np.ndarray:
         """The identity's canonical picture, float32 [S + 2*shift, S + 2*shift, 3] in [0, 1]."""
