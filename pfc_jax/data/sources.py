@@ -1,0 +1,145 @@
+"""Random-access data sources behind one interface.
+
+Every source has ``len(source)``, ``source.num_classes``, ``source.labels()`` (int32 label
+of every example) and ``source[i]``, a dict with ``"label"`` (int in ``[0,
+num_classes)``) and either ``"image"`` (uint8 [H, W, 3] RGB) or ``"encoded"`` (JPEG/PNG
+bytes, decoded by the pipeline's workers). Sources open files lazily and pickle
+cheaply, so data-loader worker processes can carry them.
+
+* ``synthetic``: :class:`pfc_jax.data.synthetic.SyntheticIdentities`;
+* ``recordio``: :class:`pfc_jax.data.recordio.RecordIODataset` (insightface folders);
+* ``folder``: :class:`ImageFolder`, one sub-folder of aligned faces per identity;
+* ``tfds``: :class:`TFDSDataset`, an ArrayRecord dataset built by
+  ``python -m pfc_jax.data.prepare``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class SourceError(ValueError):
+    """A dataset that cannot be opened as asked; the message says why and what to do."""
+
+
+class ImageFolder:
+    """``root/<identity>/<image>``: labels are the identity folders' sorted order."""
+
+    def __init__(self, root: str):
+        if not os.path.isdir(root):
+            raise SourceError(f"image folder {root} does not exist")
+        identities = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        if not identities:
+            raise SourceError(f"{root} has no identity sub-folders (expected root/<identity>/<image files>)")
+        self.root = root
+        self.identities = identities
+        paths, labels = [], []
+        for label, identity in enumerate(identities):
+            files = sorted(f for f in os.listdir(os.path.join(root, identity))
+                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            paths += [os.path.join(identity, f) for f in files]
+            labels += [label] * len(files)
+        if not paths:
+            raise SourceError(f"{root} has identity folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
+        self.paths = paths
+        self._labels = np.asarray(labels, np.int32)
+        self.num_classes = len(identities)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        return f"ImageFolder({self.root!r}, {len(self)} images, {self.num_classes} classes)"
+
+    def __getitem__(self, i: int) -> dict:
+        with open(os.path.join(self.root, self.paths[i]), "rb") as f:
+            return {"encoded": f.read(), "label": int(self._labels[i])}
+
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+
+def import_tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise SourceError("TFDS datasets need tensorflow-datasets: pip install 'pfc_jax[tfds]'") from None
+    return tfds
+
+
+def _tfds_dir(data_dir: str, name: str) -> str:
+    """The newest complete version folder of ``name`` under ``data_dir``."""
+    base = os.path.join(data_dir, name)
+    versions = []
+    if os.path.isdir(base):
+        for v in os.listdir(base):
+            if os.path.exists(os.path.join(base, v, "dataset_info.json")):
+                versions.append(v)
+    if not versions:
+        raise SourceError(
+            f"no complete TFDS dataset {name!r} in {data_dir} (an interrupted build leaves none); "
+            f"build it with: python -m pfc_jax.data.prepare --source rec:DIR --name {name} --data-dir {data_dir}"
+        )
+    return os.path.join(base, max(versions, key=lambda v: tuple(int(x) for x in v.split("."))))
+
+
+class TFDSDataset:
+    """A face dataset built by :mod:`pfc_jax.data.prepare` (TFDS, ArrayRecord), read
+    without TensorFlow. Images are returned encoded; the pipeline decodes them."""
+
+    def __init__(self, data_dir: str, name: str, split: str = "train"):
+        self.path = _tfds_dir(data_dir, name)
+        self.data_dir, self.name, self.split = data_dir, name, split
+        builder = self._builder()
+        self.num_classes = builder.info.features["label"].num_classes
+        self._len = builder.info.splits[split].num_examples
+        self._source = None
+
+    def _builder(self):
+        return import_tfds().builder_from_directory(self.path)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_source": None}
+
+    def _open(self):
+        tfds = import_tfds()
+        self._source = self._builder().as_data_source(
+            split=self.split, decoders={"image": tfds.decode.SkipDecoding()}
+        )
+        return self._source
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"TFDSDataset({self.path!r}, {self._len} images, {self.num_classes} classes)"
+
+    def __getitem__(self, i: int) -> dict:
+        example = (self._source or self._open())[int(i)]
+        return {"encoded": example["image"], "label": int(example["label"])}
+
+    def labels(self) -> np.ndarray:
+        source = self._source or self._open()
+        return np.asarray([int(source[i]["label"]) for i in range(len(self))], np.int32)
+
+
+def make_source(data_config):
+    """The source named by a run's ``config.data``."""
+    from pfc_jax.data.recordio import RecordIODataset
+    from pfc_jax.data.synthetic import SyntheticIdentities
+
+    d = data_config
+    if d.source == "synthetic":
+        s = d.synthetic
+        return SyntheticIdentities(s.num_identities, s.images_per_identity, image_size=d.image_size, seed=s.seed)
+    if d.source == "recordio":
+        return RecordIODataset(d.path)
+    if d.source == "folder":
+        return ImageFolder(d.path)
+    if d.source == "tfds":
+        return TFDSDataset(d.path, d.tfds_name)
+    raise SourceError(f"unknown data source {d.source!r}")
