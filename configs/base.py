@@ -64,12 +64,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.schedule.power = 2.0  # polynomial: arcface_torch's PolyScheduler uses 2
     c.schedule.end_lr_factor = 0.0
 
-    # Data.
+    # Data (pfc_jax.data): a source, then the grain pipeline.
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # synthetic | recordio | tfds | folder
-    c.data.path = ""  # dataset directory (every source but synthetic)
-    c.data.image_size = 112
-    c.data.workers = 2  # host threads decoding/generating images
+    # synthetic | recordio (insightface train.rec/.idx/property folder) | tfds (built by
+    # python -m pfc_jax.data.prepare) | folder (root/<identity>/<images>)
+    c.data.source = "synthetic"
+    c.data.path = ""  # dataset folder; for tfds the TFDS data_dir
+    c.data.tfds_name = ""  # tfds: the dataset name given to pfc_jax.data.prepare
+    c.data.image_size = 112  # aligned faces, square
+    c.data.threads = 8  # reader threads per process (decoding releases the GIL)
+    c.data.workers = 0  # extra worker processes per host for decoding; 0 = threads only
+    c.data.sampler = "uniform"  # uniform | identity_balanced (P identities x K images)
+    c.data.images_per_identity_in_batch = 4  # K of identity_balanced
+    c.data.augment = ml_collections.ConfigDict()  # probabilities
+    c.data.augment.flip = 0.5  # horizontal flip
+    c.data.augment.blur = 0.0  # Gaussian blur
+    c.data.augment.downup = 0.0  # downscale to 25-75% and back (low resolution)
+    c.data.augment.color_jitter = 0.0  # brightness / contrast / saturation +-20%
+    c.data.augment.grayscale = 0.0
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.num_identities = 1000
     c.data.synthetic.images_per_identity = 50

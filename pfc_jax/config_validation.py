@@ -16,6 +16,7 @@ DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("polynomial", "cosine", "constant")
 SOURCES = ("synthetic", "recordio", "tfds", "folder")
+SAMPLERS = ("uniform", "identity_balanced")
 HEADS = ("partial_fc",)
 
 
@@ -107,20 +108,28 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
 
     _choice(config, "data.source", SOURCES)
     _positive_int(config, "data.image_size", minimum=16)
-    _positive_int(config, "data.workers")
+    _positive_int(config, "data.threads")
+    _positive_int(config, "data.workers", minimum=0)
+    _choice(config, "data.sampler", SAMPLERS)
+    _positive_int(config, "data.images_per_identity_in_batch")
+    if config.data.sampler == "identity_balanced":
+        k = config.data.images_per_identity_in_batch
+        _check(config.global_batch_size % k == 0, "data.images_per_identity_in_batch", k,
+               f"must divide global_batch_size ({config.global_batch_size})")
+    for name in ("flip", "blur", "downup", "color_jitter", "grayscale"):
+        _in_range(config, f"data.augment.{name}", 0.0, 1.0)
     if config.data.source == "synthetic":
         _positive_int(config, "data.synthetic.num_identities")
         _positive_int(config, "data.synthetic.images_per_identity")
     else:
+        what = {"recordio": "the folder with train.rec, train.idx and property",
+                "tfds": "the TFDS data_dir", "folder": "the root of the identity folders"}
         _check(bool(config.data.path), "data.path", config.data.path,
-               f"data.source={config.data.source!r} needs the dataset directory")
-        _check(os.path.isdir(config.data.path), "data.path", config.data.path,
-               "no such directory")
-        raise ConfigError(
-            f"config.data.source = {config.data.source!r}: this version reads only the "
-            "built-in synthetic source; RecordIO / TFDS / image-folder readers are not "
-            "implemented yet (use --config.data.source=synthetic)"
-        )
+               f"data.source={config.data.source!r} needs {what[config.data.source]}")
+        _check(os.path.isdir(config.data.path), "data.path", config.data.path, "no such directory")
+        if config.data.source == "tfds":
+            _check(bool(config.data.tfds_name), "data.tfds_name", config.data.tfds_name,
+                   "data.source='tfds' needs the dataset name given to pfc_jax.data.prepare")
 
     _positive_int(config, "log_every_steps")
     _positive_int(config, "checkpoint_every_steps")

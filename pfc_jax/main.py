@@ -30,10 +30,12 @@ def main(argv):
     # Imported here so that --help and flag errors don't pay for importing JAX.
     from pfc_jax import checkpoint, train
     from pfc_jax.config_validation import ConfigError
+    from pfc_jax.data.recordio import RecordIOError
+    from pfc_jax.data.sources import SourceError
 
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, checkpoint.CheckpointError) as e:
+    except (ConfigError, checkpoint.CheckpointError, SourceError, RecordIOError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except train.TrainingDiverged as e:

@@ -21,8 +21,9 @@ from flax import nnx
 
 from pfc_jax import checkpoint, models, optim, sharding
 from pfc_jax.config_validation import ConfigError, validate, validate_run_length
-from pfc_jax.data.loader import Loader
-from pfc_jax.data.synthetic import SyntheticIdentities
+from pfc_jax.data import pipeline
+from pfc_jax.data.augment import Augment
+from pfc_jax.data.sources import make_source
 from pfc_jax.heads.margins import CombinedMargin
 from pfc_jax.heads.partial_fc import PartialFC
 from pfc_jax.reporting import Reporter
@@ -35,15 +36,22 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/Inf; the message names the step, the last good checkpoint and fixes."""
 
 
-def make_source(config: ml_collections.ConfigDict):
-    """The dataset named by ``config.data`` (a random-access source)."""
+def make_data(config, source):
+    """This process's batches of ``source`` per ``config.data`` (see pfc_jax.data.pipeline)."""
     d = config.data
-    if d.source == "synthetic":
-        s = d.synthetic
-        return SyntheticIdentities(
-            s.num_identities, s.images_per_identity, image_size=d.image_size, seed=s.seed
-        )
-    raise ConfigError(f"config.data.source = {d.source!r} is not available in this version")
+    return pipeline.make_iterator(
+        source,
+        global_batch=config.global_batch_size,
+        seed=config.seed,
+        image_size=d.image_size,
+        augment=Augment(**d.augment.to_dict()),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        threads=d.threads,
+        workers=d.workers,
+        sampler=d.sampler,
+        images_per_identity=d.images_per_identity_in_batch,
+    )
 
 
 def run_length(config, num_examples: int) -> tuple[int, int]:
@@ -167,15 +175,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         print(f"config:\n{config}", flush=True)
 
     # ---- Input -----------------------------------------------------------------------------
-    source = make_source(config)
-    loader = Loader(
-        source,
-        config.global_batch_size,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        workers=config.data.workers,
-    )
+    source = make_source(config.data)
+    loader = make_data(config, source)
 
     # ---- Model, head, optimizers -------------------------------------------------------
     setup = build(config, mesh, num_classes=source.num_classes, num_examples=len(source))

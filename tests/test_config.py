@@ -23,7 +23,7 @@ def test_synthetic_recipe_is_valid():
 def test_dataset_recipes_ask_for_their_path(name):
     config = load(name)
     assert config.global_batch_size == 1024 and config.dtype == "bfloat16"
-    with pytest.raises(ConfigError, match=r"config\.data\.path = ''.*needs the dataset directory"):
+    with pytest.raises(ConfigError, match=r"config\.data\.path = ''.*needs the folder with train.rec"):
         validate(config, num_devices=8)
 
 

@@ -1,7 +1,12 @@
-"""Data sources and batching.
+"""Data: sources, the grain pipeline, and dataset tools.
 
-A *source* is random access: ``len(source)`` examples, ``source[i] -> (image, label)``
-with ``image`` uint8 [H, W, 3] RGB and ``label`` an int in ``[0, source.num_classes)``.
-:class:`pfc_jax.data.loader.Loader` turns a source into this process's share of
-seeded, shuffled global batches with a resumable position.
+* :mod:`pfc_jax.data.sources`: random-access sources (synthetic, insightface RecordIO,
+  image folder, TFDS ArrayRecord) behind one interface;
+* :mod:`pfc_jax.data.pipeline`: seeded, sharded, augmented, resumable batches;
+* ``python -m pfc_jax.data.prepare``: build a TFDS dataset from RecordIO or a folder;
+* ``python -m pfc_jax.data.synth``: write synthetic identities as a RecordIO dataset
+  with verification pairs;
+* ``python -m pfc_jax.data.recordio index|check DIR``: rebuild or check an index.
+
+Modules here import no JAX, so data-loader worker processes start fast.
 """
