@@ -2,6 +2,7 @@
 
     python -m pfc_jax.bench head --classes 1000000 --batch 256 --dim 512 --rate 0.1
     python -m pfc_jax.bench train --config configs/synthetic.py
+    python -m pfc_jax.bench data --source rec:/data/ms1m-retinaface-t1 --workers 4
 
 ``head`` times one whole Partial FC head step (sample, gather, forward, backward, sparse
 optimizer update) on a fixed batch of embeddings, with a new sampling key every step.
@@ -13,6 +14,10 @@ the backend reports it (GPU/TPU), else XLA's compiled estimate.
 both optimizer updates) on a fixed synthetic batch, and the backbone alone (forward,
 backward and its optimizer, no head) on the same batch: the ratio is the head's
 overhead. Flags override the config's classes, sample rate, backbone, batch and dtype.
+
+``data`` times the input pipeline alone (read, JPEG decode, augment, batch) and reports
+images/s and images per CPU-second (all of the process's and its workers' CPU time).
+Without ``--source`` it writes a temporary synthetic RecordIO dataset of 112x112 JPEGs.
 """
 
 from __future__ import annotations
@@ -50,7 +55,23 @@ def _parse(argv):
     train.add_argument("--steps", type=int, default=10)
     train.add_argument("--warmup", type=int, default=2)
     train.add_argument("--json", action="store_true")
+    data = sub.add_parser("data", help="time the input pipeline")
+    data.add_argument("--source", default=None,
+                      help="rec:DIR | folder:DIR | tfds:NAME@DATA_DIR | synthetic (default: a temporary RecordIO of JPEGs)")
+    data.add_argument("--workers", type=int, default=0, help="worker processes (0: threads in this process)")
+    data.add_argument("--threads", type=int, default=2, help="reader threads per process")
+    data.add_argument("--batch", type=int, default=256)
+    data.add_argument("--batches", type=int, default=20, help="timed batches")
+    data.add_argument("--augment", choices=("flip", "all"), default="flip",
+                      help="flip: the default; all: every augmentation with probability 0.5")
+    data.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "data":
+        for name in ("threads", "batch", "batches"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name} must be >= 1")
+        if args.workers < 0:
+            parser.error("--workers must be >= 0")
     if args.command == "train":
         for name in ("classes", "batch", "devices"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -278,6 +299,81 @@ def bench_train(args) -> dict:
     }
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its live descendants (Linux /proc)."""
+    import os
+
+    total = sum(os.times()[:2])
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        children = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append((int(pid), (int(fields[11]) + int(fields[12])) / ticks))
+        stack = [os.getpid()]
+        while stack:
+            for pid, seconds in children.get(stack.pop(), []):
+                total += seconds
+                stack.append(pid)
+    except (OSError, ValueError):
+        pass
+    return total
+
+
+def bench_data(args) -> dict:
+    import os
+    import shutil
+    import tempfile
+
+    from pfc_jax.data import pipeline, synth
+    from pfc_jax.data.augment import Augment
+    from pfc_jax.data.prepare import open_source
+    from pfc_jax.data.sources import TFDSDataset
+    from pfc_jax.data.synthetic import SyntheticIdentities
+
+    tmp = None
+    spec = args.source
+    if spec is None:
+        tmp = tempfile.mkdtemp(prefix="pfc_bench_data_")
+        synth.write(os.path.join(tmp, "rec"), identities=100, images_per_id=30, pairs=0, progress=False)
+        spec = f"rec:{os.path.join(tmp, 'rec')}"
+    if spec == "synthetic":
+        source = SyntheticIdentities(1000, 50)
+    elif spec.startswith("tfds:"):
+        name, _, data_dir = spec[5:].partition("@")
+        source = TFDSDataset(data_dir, name)
+    else:
+        source = open_source(spec)
+    size = source[0]["image"].shape[0] if "image" in source[0] else 112
+    augment = Augment() if args.augment == "flip" else Augment(0.5, 0.5, 0.5, 0.5, 0.5)
+    it = pipeline.make_iterator(source, global_batch=args.batch, seed=0, image_size=size, augment=augment,
+                                threads=args.threads, workers=args.workers)
+    for _ in range(3):  # start workers, fill buffers
+        next(it)
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    for _ in range(args.batches):
+        next(it)
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    it.close()
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+    n = args.batches * args.batch
+    return {
+        "benchmark": "data",
+        "source": args.source or "temporary RecordIO (synthetic 112x112 JPEGs, q95)",
+        "images": n,
+        "workers": args.workers,
+        "threads": args.threads,
+        "augment": args.augment,
+        "images_per_sec": n / wall,
+        "images_per_cpu_sec": n / cpu if cpu > 0 else None,
+        "cpu_count": os.cpu_count(),
+    }
+
+
 def _compiled_bytes(memory) -> dict:
     """XLA's per-device estimate: temporaries, and everything live (donated inputs once)."""
     if memory is None:
@@ -293,9 +389,16 @@ def _mib(n):
 
 def main(argv=None) -> None:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    r = bench_train(args) if args.command == "train" else bench_head(args)
+    r = {"train": bench_train, "head": bench_head, "data": bench_data}[args.command](args)
     if args.json:
         print(json.dumps(r))
+    elif args.command == "data":
+        print(
+            f"data pipeline  {r['source']}, augment={r['augment']}, {r['workers']} worker process(es), "
+            f"{r['threads']} thread(s)\n"
+            f"  {r['images_per_sec']:,.0f} images/s, {r['images_per_cpu_sec']:,.0f} images per CPU-second "
+            f"({r['images']} images; {r['cpu_count']} CPUs)"
+        )
     elif args.command == "train":
         print(
             f"train step  {r['backbone']} {r['dtype']}, C={r['classes']:,} rate={r['rate']} "

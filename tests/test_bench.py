@@ -62,3 +62,15 @@ def test_train_json_reports_full_step_and_backbone_alone():
     assert r["samples_per_sec"] > 0 and r["backbone_samples_per_sec"] > 0
     assert r["head_overhead"] == pytest.approx(r["ms_per_step"] / r["backbone_ms_per_step"] - 1)
     assert r["compiled_total_bytes"] > 0
+
+
+def test_data_json_on_a_recordio_dataset(tmp_path):
+    from pfc_jax.data import synth
+
+    synth.write(str(tmp_path / "rec"), identities=8, images_per_id=8, pairs=0, progress=False)
+    out = run_bench("data", "--source", f"rec:{tmp_path / 'rec'}", "--batch", "16", "--batches", "2",
+                    "--augment", "all", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout)
+    assert r["benchmark"] == "data" and r["images"] == 32 and r["images_per_sec"] > 0
+    assert r["images_per_cpu_sec"] > 0
