@@ -19,13 +19,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pfc_jax import checkpoint, models, optim, sharding
+from pfc_jax import checkpoint, evaluation, models, optim, sharding
 from pfc_jax.config_validation import ConfigError, validate, validate_run_length
 from pfc_jax.data import pipeline
 from pfc_jax.data.augment import Augment
 from pfc_jax.data.sources import make_source
 from pfc_jax.heads.margins import CombinedMargin
 from pfc_jax.heads.partial_fc import PartialFC
+from pfc_jax.inference import Embedder
 from pfc_jax.reporting import Reporter
 from pfc_jax.step import TrainState, TrainStep
 
@@ -217,6 +218,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         ckpt.close()
         return state
 
+    # ---- Evaluators (pair files loaded now: a bad one stops before training) ----------------
+    pair_sets = evaluation.make_pair_sets(config)
+    embedder = None
+    if pair_sets:
+        model = nnx.merge(trainer.graphdef, setup.params, setup.batch_stats)
+        embedder = Embedder(model, batch_size=config.eval.batch_size, mesh=mesh)
+
     # ---- Compile (once, ahead of time) -------------------------------------------------
     images, labels = _global_batch(mesh, *next(loader))
     compiled = trainer.jit(setup.params, setup.batch_stats).lower(state, images, labels).compile()
@@ -258,6 +266,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     reporter.log(step, metrics)
                 if save_now:  # only ever a state whose loss is finite
                     last_saved = ckpt.save(state, data_position, setup.meta)
+            every = config.eval.every_steps
+            if embedder is not None and (is_last or (every and step % every == 0)):
+                _evaluate(embedder, pair_sets, state, step, reporter)
             if preempted:
                 ckpt.wait()
                 reporter.message(
@@ -275,6 +286,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if step == end_step:
         reporter.message(f"done: step {step}, checkpoint in {ckpt.directory}")
     return state
+
+
+def _evaluate(embedder: Embedder, pair_sets, state: TrainState, step: int, reporter: Reporter) -> None:
+    """Verification on every pair set with the current weights (all processes embed; the
+    lead one reports). Its time is kept out of the next throughput figure."""
+    embedder.set_weights(state.params, state.batch_stats)
+    results = evaluation.run_pair_sets(pair_sets, embedder)
+    reporter.log_eval(step, {name: r.metrics() for name, r in results.items()})
+    reporter.message(f"eval step {step}: {evaluation.summary_line(results)}")
+    reporter.reset_clock(step)
 
 
 def _check_finite(metrics, step: int, last_saved: int | None, ckpt) -> None:

@@ -16,13 +16,12 @@ import io
 import os
 import pickle
 import shutil
-import sys
-import time
 
 import numpy as np
 
 from pfc_jax.data import recordio
 from pfc_jax.data.synthetic import SyntheticIdentities
+from pfc_jax.progress import Progress
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
@@ -31,22 +30,6 @@ def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
-
-
-class Progress:
-    """A minimal progress line on stderr."""
-
-    def __init__(self, total: int, what: str):
-        self.total, self.what, self.start, self.done = total, what, time.perf_counter(), 0
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if self.done % max(1, self.total // 100) == 0 or self.done == self.total:
-            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            sys.stderr.write(f"\r{self.what}: {self.done}/{self.total} ({rate:,.0f}/s)")
-            if self.done == self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 def verification_pairs(source: SyntheticIdentities, num_pairs: int, seed: int, quality: int):
@@ -70,6 +53,14 @@ def verification_pairs(source: SyntheticIdentities, num_pairs: int, seed: int, q
     return bins, issame
 
 
+def held_out_identities(identities: int, images_per_id: int, image_size: int, seed: int,
+                        count: int = 100) -> SyntheticIdentities:
+    """``count`` identities of the same synthetic world that a training set of
+    ``identities`` does not contain (the verification pairs are made of them)."""
+    return SyntheticIdentities(count, max(images_per_id, 2), image_size=image_size, seed=seed,
+                               first_identity=identities)
+
+
 def write(out: str, *, identities: int, images_per_id: int, image_size: int = 112, seed: int = 0,
           pairs: int = 600, holdout_identities: int = 100, quality: int = 95, progress: bool = True) -> None:
     """Writes the dataset into ``out`` atomically (a temporary folder renamed at the end)."""
@@ -87,8 +78,7 @@ def write(out: str, *, identities: int, images_per_id: int, image_size: int = 11
             bar.update()
     recordio.write_dataset(tmp, images, labels, identities, (image_size, image_size))
     if pairs:
-        held_out = SyntheticIdentities(holdout_identities, max(images_per_id, 2), image_size=image_size,
-                                       seed=seed, first_identity=identities)
+        held_out = held_out_identities(identities, images_per_id, image_size, seed, holdout_identities)
         bins, issame = verification_pairs(held_out, pairs, seed, quality)
         with open(os.path.join(tmp, "synth_val.bin"), "wb") as f:
             pickle.dump((bins, issame), f, protocol=4)
