@@ -87,6 +87,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.synthetic.images_per_identity = 50
     c.data.synthetic.seed = 0  # which synthetic world (independent of c.seed)
 
+    # Verification during training (pfc_jax.evaluation): flip-summed embeddings, 10 folds.
+    c.eval = ml_collections.ConfigDict()
+    # Comma-separated pair sets: a name ("lfw, cfp_fp, agedb_30") is <eval.dir>/<name>.bin,
+    # a path ending in .bin is that file, "synthetic" is held-out synthetic identities.
+    c.eval.bins = ""
+    c.eval.dir = ""  # where named .bin files are; "" = data.path
+    c.eval.every_steps = 2000  # and at the last step; 0 = only at the last step
+    c.eval.batch_size = 256  # images per forward over all devices
+
     # Logging and checkpoints.
     c.log_every_steps = 50  # console, metrics.jsonl, TensorBoard
     c.checkpoint_every_steps = 2000  # plus one at the end and on SIGTERM

@@ -25,6 +25,8 @@ def get_config():
     c.schedule.warmup_epochs = 0.2
     c.data.synthetic.num_identities = 1000  # 20,000 images: the run is about one epoch
     c.data.synthetic.images_per_identity = 20
+    c.eval.bins = "synthetic"  # 600 pairs of 100 held-out identities
+    c.eval.every_steps = 100
     c.log_every_steps = 10
     c.checkpoint_every_steps = 100
     return c

@@ -10,6 +10,7 @@ import os
 import ml_collections
 
 from pfc_jax import models
+from pfc_jax.evaluation import SYNTHETIC, bin_names, resolve_bin
 from pfc_jax.heads.margins import CombinedMargin
 
 DTYPES = ("float32", "bfloat16")
@@ -130,6 +131,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
         if config.data.source == "tfds":
             _check(bool(config.data.tfds_name), "data.tfds_name", config.data.tfds_name,
                    "data.source='tfds' needs the dataset name given to pfc_jax.data.prepare")
+
+    _positive_int(config, "eval.every_steps", minimum=0)
+    _positive_int(config, "eval.batch_size")
+    for name in bin_names(config.eval.bins):
+        if name != SYNTHETIC:
+            path = resolve_bin(name, config.eval.dir or config.data.path)
+            _check(path.is_file(), "eval.bins", config.eval.bins,
+                   f"{name!r} refers to {path}, which does not exist (set eval.dir to the folder with "
+                   "the .bin files, give a path ending in .bin, or use 'synthetic')")
 
     _positive_int(config, "log_every_steps")
     _positive_int(config, "checkpoint_every_steps")

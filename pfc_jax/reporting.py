@@ -91,6 +91,22 @@ class Reporter:
         self.stream.flush()
         return record
 
+    def log_eval(self, step: int, results: dict[str, dict[str, float]]) -> None:
+        """Evaluation results ``{set name: {metric: value}}``: one metrics.jsonl record with
+        keys ``eval/<set>/<metric>``, the same TensorBoard tags."""
+        record = {"step": step}
+        for name, values in results.items():
+            record.update({f"eval/{name}/{k}": float(v) for k, v in values.items()})
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._writer is not None:
+            for tag, value in record.items():
+                if tag != "step":
+                    self._writer.add_scalar(tag, value, step)
+            self._writer.flush()
+
     def message(self, text: str) -> None:
         """A line of its own (never overwritten by the progress line)."""
         if self.enabled:

@@ -33,6 +33,7 @@ TINY = [
     "--config.total_steps=12",
     "--config.log_every_steps=2",
     "--config.checkpoint_every_steps=4",
+    "--config.eval.bins=",  # evaluation during training: tests/test_evaluation.py
 ]
 
 

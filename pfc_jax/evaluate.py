@@ -1,0 +1,114 @@
+"""Evaluate a trained backbone: .bin pair verification and IJB-B/C 1:1.
+
+    python -m pfc_jax.evaluate --workdir /runs/r50 --bin /data/ms1m/lfw.bin /data/ms1m/cfp_fp.bin
+    python -m pfc_jax.evaluate --workdir /runs/r50 --step 20000 --ijb /data/IJBC --ijb-target IJBC \\
+        --cache-dir /tmp/ijbc_feats --json
+    python -m pfc_jax.evaluate --workdir /tmp/pfc_demo --bin synthetic
+
+``--bin synthetic`` evaluates on held-out identities of the synthetic world the run was
+trained on (read from the workdir's config.json). Only the backbone is loaded, never the
+class centers. Prints a table; ``--json`` prints one JSON object instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pfc_jax.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True, help="a pfc_jax training workdir (its checkpoints/)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--bin", nargs="+", default=[], metavar="FILE",
+                   help="insightface .bin pair files (lfw.bin, cfp_fp.bin, agedb_30.bin, ...) or 'synthetic'")
+    p.add_argument("--ijb", default=None, metavar="DIR", help="IJB release root (loose_crop/, meta/)")
+    p.add_argument("--ijb-target", choices=("IJBB", "IJBC"), default="IJBC")
+    p.add_argument("--no-detector-score", action="store_true", help="IJB: don't weight features by detection score")
+    p.add_argument("--cache-dir", default=None, help="IJB: keep extracted features here; a rerun resumes")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward over all devices")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return p
+
+
+def _workdir_config(workdir: pathlib.Path):
+    import ml_collections
+
+    path = workdir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: '--bin synthetic' needs the run's config")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def run(args) -> dict:
+    from pfc_jax import evaluation
+    from pfc_jax.evaluation import ijb
+    from pfc_jax.inference import Embedder
+
+    if not args.bin and not args.ijb:
+        raise ValueError("nothing to evaluate: give --bin FILE... and/or --ijb DIR")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    workdir = pathlib.Path(args.workdir)
+    protocol = ijb.IJBProtocol.load(args.ijb, args.ijb_target) if args.ijb else None  # fail before loading
+    embedder = Embedder.from_workdir(workdir, args.step, batch_size=args.batch_size)
+    size = embedder.image_size
+    sets = []
+    for name in args.bin:
+        if name == evaluation.SYNTHETIC:
+            config = _workdir_config(workdir)
+            sets.append(evaluation.synthetic_pairs(config))
+        else:
+            sets.append(evaluation.PairSet.load(name, size))
+    out = {"workdir": str(workdir.absolute()), "step": embedder.meta["step"], "model": embedder.meta["model"],
+           "bins": {}}
+    for s in sets:
+        out["bins"][s.name] = {"pairs": int(len(s.issame)), **s.evaluate(embedder).to_dict()}
+    if protocol is not None:
+        features = ijb.extract_features(protocol, embedder.embed_batches, batch_size=embedder.batch_size,
+                                        image_size=size, cache_dir=args.cache_dir, progress=not args.json)
+        tar = ijb.evaluate(protocol, features, detector_score=not args.no_detector_score)
+        out["ijb"] = {"target": args.ijb_target, "images": len(protocol.images),
+                      "templates": int(len(set(protocol.templates.tolist()))), "pairs": int(len(protocol.pairs)),
+                      "tar_at_far": {f"{far:.0e}": v for far, v in tar.items()}}
+    return out
+
+
+def format_table(out: dict) -> str:
+    lines = [f"{out['workdir']} step {out['step']} ({out['model']['name']}, {out['model']['embedding_dim']}-d)"]
+    if out["bins"]:
+        lines.append(f"{'set':<14}{'pairs':>7}  {'accuracy (10-fold)':<20}{'threshold':>10}  {'VAL@FAR=1e-3':>12}")
+        for name, r in out["bins"].items():
+            acc = f"{r['accuracy'] * 100:.2f} ± {r['accuracy_std'] * 100:.2f} %"
+            lines.append(f"{name:<14}{r['pairs']:>7}  {acc:<20}{r['threshold']:>10.3f}  {r['val'] * 100:>10.2f} %")
+    if "ijb" in out:
+        j = out["ijb"]
+        fars = list(j["tar_at_far"])
+        lines.append(f"{j['target']} 1:1 verification: {j['images']:,} images, {j['templates']:,} templates, "
+                     f"{j['pairs']:,} pairs")
+        lines.append("TAR @ FAR  " + "".join(f"{f:>9}" for f in fars))
+        lines.append("           " + "".join(f"{j['tar_at_far'][f] * 100:>8.2f}%" for f in fars))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    from absl import logging
+
+    logging.set_verbosity(logging.ERROR)  # Orbax's notes on reading a checkpoint read-only
+    from pfc_jax.checkpoint import CheckpointError
+    from pfc_jax.evaluation import PairFileError
+    from pfc_jax.evaluation.ijb import IJBError
+
+    try:
+        out = run(args)
+    except (CheckpointError, PairFileError, IJBError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(out) if args.json else format_table(out))
+
+
+if __name__ == "__main__":
+    main()

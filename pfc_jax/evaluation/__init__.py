@@ -1,0 +1,74 @@
+"""Evaluation: ``.bin`` pair verification (verification.py) and IJB-B/C (ijb.py).
+
+:func:`make_pair_sets` resolves the names in ``config.eval.bins`` for the trainer's
+evaluators and for ``python -m pfc_jax.evaluate``:
+
+* ``synthetic``: pairs of held-out identities of the built-in synthetic world (the ones
+  ``python -m pfc_jax.data.synth`` writes to ``synth_val.bin``), made in memory;
+* a name such as ``lfw``: the file ``<eval.dir>/lfw.bin`` (``eval.dir`` defaults to
+  ``data.path``, where insightface's datasets keep their pair files);
+* a path ending in ``.bin``: that file.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from pfc_jax.evaluation.verification import PairFileError, PairSet, VerificationResult, decode_images
+
+SYNTHETIC = "synthetic"
+
+
+def bin_names(spec: str) -> list[str]:
+    """``"lfw, cfp_fp"`` -> ``["lfw", "cfp_fp"]``."""
+    return [n.strip() for n in spec.split(",") if n.strip()]
+
+
+def resolve_bin(name: str, directory: str) -> pathlib.Path:
+    """The ``.bin`` file a configured name refers to (not checked for existence)."""
+    if name.endswith(".bin") or "/" in name:
+        return pathlib.Path(name)
+    return pathlib.Path(directory) / f"{name}.bin"
+
+
+def synthetic_pairs(config, num_pairs: int = 600) -> PairSet:
+    """Pairs of identities the synthetic training set does not contain: the same pairs
+    ``python -m pfc_jax.data.synth`` writes to ``synth_val.bin`` for that world."""
+    from pfc_jax.data.synth import held_out_identities, verification_pairs
+
+    syn = config.data.synthetic
+    held_out = held_out_identities(syn.num_identities, syn.images_per_identity, config.data.image_size, syn.seed)
+    encoded, issame = verification_pairs(held_out, num_pairs, syn.seed, quality=95)
+    images = decode_images(encoded, config.data.image_size, name=SYNTHETIC)
+    return PairSet(SYNTHETIC, images, np.asarray(issame, bool))
+
+
+def make_pair_sets(config, names: list[str] | None = None) -> list[PairSet]:
+    """Loads every pair set named in ``config.eval.bins`` (or ``names``)."""
+    names = bin_names(config.eval.bins) if names is None else names
+    directory = config.eval.dir or config.data.path
+    sets = []
+    for name in names:
+        if name == SYNTHETIC:
+            sets.append(synthetic_pairs(config))
+        else:
+            sets.append(PairSet.load(resolve_bin(name, directory), config.data.image_size))
+    return sets
+
+
+def run_pair_sets(pair_sets: list[PairSet], embedder) -> dict[str, VerificationResult]:
+    """``{name: result}`` with flip-summed embeddings from ``embedder``."""
+    return {s.name: s.evaluate(embedder) for s in pair_sets}
+
+
+def summary_line(results: dict[str, VerificationResult]) -> str:
+    return "  ".join(
+        f"{name} {r.accuracy * 100:.2f}±{r.accuracy_std * 100:.2f}% (VAL@FAR1e-3 {r.val * 100:.2f}%)"
+        for name, r in results.items()
+    )
+
+
+__all__ = ["PairFileError", "PairSet", "VerificationResult", "bin_names", "make_pair_sets", "resolve_bin",
+           "run_pair_sets", "summary_line", "synthetic_pairs"]
