@@ -1,7 +1,6 @@
 """Data: RecordIO byte format, corruption errors, synthetic writer, TFDS build, grain pipeline."""
 
 import hashlib
-import io
 import os
 import pickle
 import shutil

@@ -125,8 +125,6 @@ def test_continue_on_another_device_count(runs, devices):
 
 def test_restore_reshards_centers_in_process(runs):
     """The 8-device checkpoint at step 6, restored on 8, 4 and 1 devices: same values."""
-    from flax import nnx  # noqa: F401  (models build through train.build)
-
     import runpy
 
     from pfc_jax import sharding, train
