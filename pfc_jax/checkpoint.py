@@ -22,6 +22,7 @@ import pathlib
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from pfc_jax.step import TrainState
 
@@ -135,16 +136,17 @@ def load_backbone(workdir: str | pathlib.Path, step: int | None = None):
     """The trained backbone alone (no centers): ``(model in eval mode, meta)``.
 
     ``step`` defaults to the latest checkpoint. Raises :class:`CheckpointError` when the
-    workdir has no (such) checkpoint.
+    workdir has no (such) checkpoint or the checkpoint cannot be read.
     """
-    from flax import nnx  # local: keeps checkpoint import light for the trainer's workers
-
-    from pfc_jax import models
-
     directory = pathlib.Path(workdir).absolute() / "checkpoints"
     if not directory.is_dir():
         raise CheckpointError(f"{workdir} has no checkpoints/ directory: is it a pfc_jax workdir?")
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax notes that a read-only manager is read-only
+    try:
+        manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    finally:
+        absl_logging.set_verbosity(verbosity)
     steps = list(manager.all_steps())
     if not steps:
         raise CheckpointError(f"no complete checkpoint in {directory}")
@@ -152,6 +154,21 @@ def load_backbone(workdir: str | pathlib.Path, step: int | None = None):
         step = max(steps)
     elif step not in steps:
         raise CheckpointError(f"no checkpoint for step {step} in {directory}; available: {sorted(steps)}")
+    try:
+        model, meta = _restore_backbone(manager, step)
+    except (OSError, ValueError, KeyError) as e:  # a step folder with missing or damaged items
+        raise CheckpointError(f"cannot read the backbone of checkpoint step {step} in {directory}: "
+                              f"{type(e).__name__}: {e}") from None
+    finally:
+        manager.close()
+    return model, {**meta, "step": step}
+
+
+def _restore_backbone(manager, step: int):
+    from flax import nnx  # local: keeps checkpoint import light for the trainer's workers
+
+    from pfc_jax import models
+
     meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
     m = meta["model"]
     model = models.create(m["name"], embedding_dim=m["embedding_dim"], image_size=m["image_size"],
@@ -168,6 +185,4 @@ def load_backbone(workdir: str | pathlib.Path, step: int | None = None):
             )
         }),
     )[BACKBONE]
-    manager.close()
-    model = nnx.merge(graphdef, restored["params"], restored["batch_stats"])
-    return model, {**meta, "step": step}
+    return nnx.merge(graphdef, restored["params"], restored["batch_stats"]), meta

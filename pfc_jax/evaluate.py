@@ -95,9 +95,6 @@ def format_table(out: dict) -> str:
 
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
-    from absl import logging
-
-    logging.set_verbosity(logging.ERROR)  # Orbax's notes on reading a checkpoint read-only
     from pfc_jax.checkpoint import CheckpointError
     from pfc_jax.evaluation import PairFileError
     from pfc_jax.evaluation.ijb import IJBError
