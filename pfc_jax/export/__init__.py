@@ -1,0 +1,195 @@
+"""Export a trained backbone to ONNX, checked against JAX with onnxruntime.
+
+    python -m pfc_jax.export --workdir /runs/r50 --output r50.onnx            # latest step
+    python -m pfc_jax.export --workdir /runs/r50 --step 20000 --output r50.onnx --opset 13
+
+The file follows the convention of face-recognition deployment code: one float32 input
+``input`` [N, 3, S, S] (NCHW, RGB, pixels normalized as (x - 127.5) / 127.5 by the
+caller), a symbolic batch N, and one output ``embedding`` [N, D], not L2-normalized.
+The backbone runs in inference mode (BatchNorm running statistics, no dropout); the
+conversion is :func:`pfc_jax.export.onnx.to_onnx`.
+
+Before the file is put in place it is validated with ``onnx.checker`` and run by
+onnxruntime on random batches of two sizes; an export whose largest absolute difference
+from the JAX model exceeds the tolerance is not written. Models larger than 2 GB keep
+their weights in ``<output>.data`` beside the model file. Everything is written to a
+hidden temporary folder next to the output and renamed into place once checked, so an
+interrupted export leaves nothing that looks complete, and re-exporting to the same path
+replaces both files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from pfc_jax.export.onnx import (
+    BATCH, DEFAULT_OPSET, INPUT, MIN_OPSET, NCHW, OUTPUT, ExportError, require_onnx, to_onnx,
+)
+
+__all__ = ["ExportError", "ExportReport", "check_against_jax", "export", "main", "to_onnx"]
+
+# Protobuf cannot serialize a message of 2 GiB; keep headroom for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+
+
+def check_against_jax(model: nnx.Module, path: str | pathlib.Path, *, image_size: int,
+                      batch_sizes=(1, 3), seed: int = 0) -> tuple[float, float]:
+    """(largest |onnxruntime(path) - JAX model|, largest |JAX embedding|) over random
+    uint8 images, in batches of each size."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, train=False))
+    rng, worst, scale = np.random.default_rng(seed), 0.0, 0.0
+    for n in batch_sizes:
+        images = rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)
+        x = (images.astype(np.float32) - 127.5) / 127.5
+        with jax.default_matmul_precision("highest"):  # no TF32 on GPUs: compare fp32 with fp32
+            want = np.asarray(forward(state, x), np.float32)
+        got = session.run([OUTPUT], {INPUT: np.ascontiguousarray(x.transpose(NCHW))})[0]
+        if got.shape != want.shape:
+            raise ExportError(f"onnxruntime returned shape {got.shape} for a batch of {n}, JAX {want.shape}")
+        diff = float(np.max(np.abs(got - want))) if got.size else 0.0
+        worst = max(worst, diff if np.isfinite(diff) else float("inf"))
+        scale = max(scale, float(np.max(np.abs(want))) if want.size else 0.0)
+    return worst, scale
+
+
+@dataclasses.dataclass
+class ExportReport:
+    """What :func:`export` wrote and measured; ``summary()`` is the CLI's printout."""
+
+    path: pathlib.Path
+    data_path: pathlib.Path | None  # external weights, for models over 2 GB
+    backbone: str
+    step: int
+    opset: int
+    input_shape: tuple
+    output_shape: tuple
+    max_abs_diff: float
+    max_abs_embedding: float  # the scale the difference compares with
+    batch_sizes: tuple
+    num_bytes: int
+    seconds: float
+
+    def summary(self) -> str:
+        fmt = lambda s: "[" + ", ".join(map(str, s)) + "]"
+        data = f" + {self.data_path.name}" if self.data_path else ""
+        return (
+            f"exported {self.backbone} (step {self.step}) to {self.path}{data}\n"
+            f"  opset {self.opset}; input  {INPUT!r} float32 {fmt(self.input_shape)} "
+            "(NCHW RGB, (x - 127.5) / 127.5)\n"
+            f"            output {OUTPUT!r} float32 {fmt(self.output_shape)} (not normalized)\n"
+            f"  onnxruntime vs JAX, batches of {' and '.join(map(str, self.batch_sizes))}: "
+            f"max abs diff {self.max_abs_diff:.2e} (embedding values up to {self.max_abs_embedding:.3g})\n"
+            f"  {self.num_bytes / 2**20:,.1f} MiB, {self.seconds:.1f} s"
+        )
+
+
+def _install(staged: pathlib.Path, output: pathlib.Path, external: bool) -> None:
+    """Moves the checked files from ``staged`` to ``output`` (and ``output.data``)."""
+    data = output.with_name(output.name + ".data")
+    if external:
+        # No model at `output` while its weights file is being swapped: an interruption
+        # here leaves no model that pairs old and new parts.
+        output.unlink(missing_ok=True)
+        os.replace(staged / data.name, data)
+        os.replace(staged / output.name, output)
+    else:
+        os.replace(staged / output.name, output)
+        data.unlink(missing_ok=True)  # the weights of an earlier external-data export
+
+
+def export(workdir: str | pathlib.Path, output: str | pathlib.Path, *, step: int | None = None,
+           opset: int = DEFAULT_OPSET, atol: float = 1e-4, batch_sizes=(1, 3),
+           external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> ExportReport:
+    """Exports the backbone of ``workdir``'s checkpoint ``step`` (default: latest) to
+    ``output``, checked by onnxruntime against JAX within ``atol``.
+
+    Raises :class:`~pfc_jax.checkpoint.CheckpointError` for a missing or incomplete
+    checkpoint and :class:`ExportError` when the conversion or the check fails (nothing
+    is written then).
+    """
+    require_onnx()
+    import onnx
+
+    from pfc_jax import checkpoint
+
+    start = time.perf_counter()
+    output = pathlib.Path(output)
+    if output.is_dir():
+        raise ExportError(f"--output {output} is a directory; give a file name such as model.onnx")
+    model, meta = checkpoint.load_backbone(workdir, step)
+    m = meta["model"]
+    image_size = int(m["image_size"])
+    proto = to_onnx(model, image_size=image_size, opset=opset, metadata={
+        "backbone": m["name"], "step": meta["step"], "embedding_dim": m["embedding_dim"],
+        "image_size": image_size, "input_layout": "NCHW RGB", "input_normalization": "(x - 127.5) / 127.5",
+    })
+    external = sum(len(t.raw_data) for t in proto.graph.initializer) > external_data_threshold
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staged = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        path = staged / output.name
+        if external:
+            onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=output.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(proto, str(path))
+        del proto
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except Exception as e:  # noqa: BLE001 - checker and shape inference raise several types
+            raise ExportError(f"onnx.checker rejects the exported model: {e}") from None
+        diff, scale = check_against_jax(model, path, image_size=image_size, batch_sizes=batch_sizes)
+        if not diff <= atol:
+            raise ExportError(
+                f"onnxruntime's output differs from the JAX model by up to {diff:.3g} (max abs), more than "
+                f"the tolerance {atol:g}: the export is wrong and {output} was not written")
+        num_bytes = sum(f.stat().st_size for f in staged.iterdir())
+        _install(staged, output, external)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return ExportReport(
+        output, output.with_name(output.name + ".data") if external else None, m["name"], meta["step"], opset,
+        (BATCH, 3, image_size, image_size), (BATCH, m["embedding_dim"]), diff, scale, tuple(batch_sizes), num_bytes,
+        time.perf_counter() - start,
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pfc_jax.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="training workdir (holds checkpoints/)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--output", required=True, help="the .onnx file to write")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset, {MIN_OPSET} or later (default {DEFAULT_OPSET})")
+    parser.add_argument("--atol", type=float, default=1e-4,
+                        help="largest accepted |onnxruntime - JAX| on the check batches (default 1e-4)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.step is not None and args.step < 0:
+        parser.error("--step must be >= 0")
+    if args.opset < MIN_OPSET:
+        parser.error(f"--opset must be >= {MIN_OPSET}")
+    from pfc_jax.checkpoint import CheckpointError
+
+    try:
+        report = export(args.workdir, args.output, step=args.step, opset=args.opset, atol=args.atol)
+    except (CheckpointError, ExportError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(report.summary())

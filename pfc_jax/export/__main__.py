@@ -1,0 +1,3 @@
+from pfc_jax.export import main
+
+main()
