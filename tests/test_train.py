@@ -146,7 +146,7 @@ def test_restore_reshards_centers_in_process(runs):
         state, data, meta = ckpt.restore(6, abstract)
         assert state.head.centers.shape[0] == setup.trainer.head.num_classes_padded
         assert len(state.head.centers.sharding.device_set) == n
-        assert meta["num_devices"] == 8 and data["grain"]["next_index"] == 6 * 16
+        assert meta["num_devices"] == 8 and data["batches"] == 6
         restored[n] = jax.tree.map(np.asarray, state)
     for n in (4, 1):
         np.testing.assert_array_equal(restored[n].head.centers[:37], restored[8].head.centers[:37])
