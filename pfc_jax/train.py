@@ -10,8 +10,6 @@ import dataclasses
 import math
 import pathlib
 import signal
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from pfc_jax import checkpoint, evaluation, models, optim, sharding
-from pfc_jax.config_validation import ConfigError, validate, validate_run_length
+from pfc_jax.config_validation import validate, validate_run_length
 from pfc_jax.data import pipeline
 from pfc_jax.data.augment import Augment
 from pfc_jax.data.sources import make_source
@@ -128,17 +126,35 @@ def build(config, mesh, *, num_classes: int, num_examples: int) -> Setup:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop polls, so it can save before exiting."""
+    """SIGTERM -> save and exit, at a step every process agrees on.
+
+    One process: a handler turns the signal into a flag the loop polls. Several: the
+    save is collective, so they must all stop after the same step although the signal
+    reaches them at different times (or only some of them). JAX's preemption sync manager,
+    started by ``jax.distributed.initialize``, catches SIGTERM in any process and picks
+    the first step every process can still reach.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._synced = jax.process_count() > 1
+        if not self._synced:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def reached(self, step: int) -> bool:
+        """True when the loop should save and exit after ``step`` (called at every step)."""
+        if self._synced:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self._synced:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _global_batch(mesh, images: np.ndarray, labels: np.ndarray):
@@ -208,7 +224,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     reporter.message(
         f"{what} in {workdir}: {config.model.name} ({setup.num_params:,} parameters), "
         f"{source.num_classes:,} classes on {mesh.size} device(s) "
-        f"({trainer.head.num_local:,} centers each, {trainer.head.num_sample(config.global_batch_size):,} "
+        + (f"in {jax.process_count()} processes " if jax.process_count() > 1 else "")
+        + f"({trainer.head.num_local:,} centers each, {trainer.head.num_sample(config.global_batch_size):,} "
         f"sampled per step), {len(source):,} images, steps {start_step} -> {end_step} of "
         f"{setup.total_steps}"
     )
@@ -250,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             state, metrics = compiled(state, images, labels)
             # Read the flag once: a SIGTERM arriving later in this iteration is handled
             # (saved, then exit) in the next one.
-            preempted = preemption.requested
+            preempted = preemption.reached(step)
             is_last = step == end_step
             log_now = step % config.log_every_steps == 0 or is_last
             save_now = step % config.checkpoint_every_steps == 0 or is_last or preempted
