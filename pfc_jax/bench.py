@@ -13,7 +13,8 @@ the backend reports it (GPU/TPU), else XLA's compiled estimate.
 ``train`` times the whole train step of a config (backbone forward/backward, head,
 both optimizer updates) on a fixed synthetic batch, and the backbone alone (forward,
 backward and its optimizer, no head) on the same batch: the ratio is the head's
-overhead. Flags override the config's classes, sample rate, backbone, batch and dtype.
+overhead. Both report XLA's compiled memory and the device's peak (the backbone runs
+first, so its peak is its own). Flags override the config's classes, sample rate, backbone, batch and dtype.
 
 ``data`` times the input pipeline alone (read, JPEG decode, augment, batch) and reports
 images/s and images per CPU-second (all of the process's and its workers' CPU time).
@@ -242,20 +243,19 @@ def bench_train(args) -> dict:
     num_classes = args.classes or config.data.synthetic.num_identities
     setup = train.build(config, mesh, num_classes=num_classes, num_examples=10 * config.global_batch_size)
     trainer = setup.trainer
-    state = trainer.init(setup.params, setup.batch_stats, jax.random.key(config.seed))
+    # The state without the head: the backbone alone is measured before the centers exist,
+    # so that the device's peak memory after it is its own (the peak only grows).
+    shardings = trainer.state_shardings(setup.params, setup.batch_stats)._replace(head=None)
+    without_head = lambda *a: trainer.init_state(*a)._replace(head=None)
+    state = jax.jit(without_head, out_shardings=shardings)(
+        setup.params, setup.batch_stats, jax.random.key(config.seed)
+    )
 
     rng = np.random.default_rng(0)
     b, size = config.global_batch_size, config.data.image_size
     batch = sharding.batch_sharding(mesh)
     images = jax.device_put(rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8), batch)
     labels = jax.device_put(rng.integers(0, num_classes, b).astype(np.int32), batch)
-
-    start = time.perf_counter()
-    full = trainer.jit(setup.params, setup.batch_stats).lower(state, images, labels).compile()
-    compile_s = time.perf_counter() - start
-    memory = full.memory_analysis()
-    state, full_ms = _time(full, state, images, labels, warmup=args.warmup, steps=args.steps)
-    peak_full = _device_peak_bytes(devices)
 
     # The backbone alone: forward, backward (of a stand-in loss) and its optimizer.
     def backbone_step(state, images):
@@ -269,11 +269,20 @@ def bench_train(args) -> dict:
         params = jax.tree.map(lambda p, u: p + u, state.params, updates)
         return state._replace(params=params, batch_stats=stats, opt_state=opt_state), None
 
-    shardings = trainer.state_shardings(setup.params, setup.batch_stats)
     backbone = jax.jit(
         backbone_step, in_shardings=(shardings, batch), out_shardings=(shardings, None), donate_argnums=(0,)
     ).lower(state, images).compile()
     state, backbone_ms = _time(backbone, state, images, warmup=args.warmup, steps=args.steps)
+    peak_backbone = _device_peak_bytes(devices)
+    backbone_memory = {f"backbone_{k}": v for k, v in _compiled_bytes(backbone.memory_analysis()).items()}
+    state = state._replace(head=trainer.head.init(jax.random.key(config.seed + 1)))
+
+    start = time.perf_counter()
+    full = trainer.jit(setup.params, setup.batch_stats).lower(state, images, labels).compile()
+    compile_s = time.perf_counter() - start
+    memory = full.memory_analysis()
+    state, full_ms = _time(full, state, images, labels, warmup=args.warmup, steps=args.steps)
+    peak_full = _device_peak_bytes(devices)
 
     full_med, backbone_med = statistics.median(full_ms), statistics.median(backbone_ms)
     return {
@@ -296,6 +305,8 @@ def bench_train(args) -> dict:
         "compile_s": compile_s,
         **_compiled_bytes(memory),
         "peak_bytes": peak_full,
+        **backbone_memory,
+        "backbone_peak_bytes": peak_backbone,
     }
 
 
@@ -406,9 +417,12 @@ def main(argv=None) -> None:
             f"  full step: {r['samples_per_sec']:,.1f} samples/s ({r['ms_per_step']:.1f} ms/step, "
             f"compile {r['compile_s']:.1f} s)\n"
             f"  backbone alone: {r['backbone_samples_per_sec']:,.1f} samples/s "
-            f"({r['backbone_ms_per_step']:.1f} ms/step); head overhead {100 * r['head_overhead']:.1f}%\n"
-            f"  memory per device: compiled total {_mib(r['compiled_total_bytes'])}, "
-            f"temporaries {_mib(r['compiled_temp_bytes'])}, peak {_mib(r['peak_bytes'])}"
+            f"({r['backbone_ms_per_step']:.1f} ms/step); head overhead {100 * r['head_overhead']:.1f}% "
+            f"(full / backbone = {1 + r['head_overhead']:.3f})\n"
+            f"  memory per device, full step: compiled total {_mib(r['compiled_total_bytes'])}, "
+            f"temporaries {_mib(r['compiled_temp_bytes'])}, peak {_mib(r['peak_bytes'])}\n"
+            f"  memory per device, backbone alone: compiled total {_mib(r['backbone_compiled_total_bytes'])}, "
+            f"temporaries {_mib(r['backbone_compiled_temp_bytes'])}, peak {_mib(r['backbone_peak_bytes'])}"
         )
     else:
         print(
