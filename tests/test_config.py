@@ -7,12 +7,9 @@ import runpy
 import pytest
 
 from pfc_jax.config_validation import ConfigError, validate, validate_run_length
+from tests.recipes import load
 
 ROOT = pathlib.Path(__file__).parents[1]
-
-
-def load(name):
-    return runpy.run_path(str(ROOT / "configs" / f"{name}.py"))["get_config"]()
 
 
 def test_synthetic_recipe_is_valid():

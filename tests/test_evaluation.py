@@ -16,6 +16,7 @@ from pfc_jax import evaluate
 from pfc_jax.data import synth
 from pfc_jax.data.synthetic import SyntheticIdentities
 from pfc_jax.evaluation import ijb, verification
+from tests import recipes
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -370,11 +371,9 @@ def test_evaluate_cli_errors(trained, tmp_path, capsys):
 
 
 def test_config_names_a_missing_pair_file(tmp_path):
-    import runpy
-
     from pfc_jax.config_validation import ConfigError, validate
 
-    config = runpy.run_path(str(ROOT / "configs" / "synthetic.py"))["get_config"]()
+    config = recipes.load("synthetic")
     config.eval.bins = "synthetic, lfw"
     config.eval.dir = str(tmp_path)
     with pytest.raises(ConfigError, match=r"config.eval.bins = .*'lfw' refers to .*lfw.bin, which does not exist"):

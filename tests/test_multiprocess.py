@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from pfc_jax import checkpoint, distributed
+from tests import recipes
 
 ROOT = pathlib.Path(__file__).parents[1]
 LAUNCH = ROOT / "launch" / "local_multiprocess.sh"
@@ -145,27 +146,13 @@ def test_only_process_zero_reports(runs):
         assert "[6/8]" not in other and "eval step" not in other and "config:" not in other
 
 
-def _tiny_config():
-    import runpy
-
-    config = runpy.run_path(str(ROOT / "configs" / "synthetic.py"))["get_config"]()
-    for flag in TINY:
-        key, value = flag.removeprefix("--config.").split("=")
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        node[leaf] = type(node[leaf])(value)
-    return config
-
-
 def test_checkpoint_restores_in_one_process(runs):
     """The 2 x 4 checkpoint restores in this single process (8 devices) as the trainer
     restores it, equal to the 1 x 8 one; the backbone alone loads; a single process on
     one device continues the run."""
     from pfc_jax import sharding, train
 
-    setup = train.build(_tiny_config(), sharding.make_mesh(), num_classes=37, num_examples=148)
+    setup = train.build(recipes.load("synthetic", TINY), sharding.make_mesh(), num_classes=37, num_examples=148)
     abstract = setup.trainer.abstract_state(setup.params, setup.batch_stats)
     restored = {}
     for name in ("mp", "sp"):

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from pfc_jax import checkpoint
+from tests import recipes
 
 ROOT = pathlib.Path(__file__).parents[1]
 # 37 identities (padded to 40 on 8 or 4 devices, 37 on 1) x 4 images / batch 16 = 9 steps
@@ -125,18 +126,9 @@ def test_continue_on_another_device_count(runs, devices):
 
 def test_restore_reshards_centers_in_process(runs):
     """The 8-device checkpoint at step 6, restored on 8, 4 and 1 devices: same values."""
-    import runpy
-
     from pfc_jax import sharding, train
 
-    config = runpy.run_path(str(ROOT / "configs" / "synthetic.py"))["get_config"]()
-    for flag in TINY:
-        key, value = flag.removeprefix("--config.").split("=")
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = type(node[leaf])(value)
+    config = recipes.load("synthetic", TINY)
     ckpt = checkpoint.Checkpointer(runs["copies"][1] / "checkpoints")  # still holds step 6 @ 8 devices
     restored = {}
     for n in (8, 4, 1):
