@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -108,16 +108,11 @@ class Embedder:
                 out = multihost_utils.process_allgather(out, tiled=True)
             yield np.asarray(out)[:n]
 
-    def __call__(self, images: np.ndarray, *, flip: bool = False,
-                 progress: Callable[[int], None] | None = None) -> np.ndarray:
+    def __call__(self, images: np.ndarray, *, flip: bool = False) -> np.ndarray:
         """Embeddings of all ``images`` (uint8 [N, S, S, 3]) as float32 [N, D]."""
         images = np.asarray(images)
         chunks = (images[i:i + self.batch_size] for i in range(0, len(images), self.batch_size))
-        out = []
-        for feats in self.embed_batches(chunks, flip=flip):
-            out.append(feats)
-            if progress is not None:
-                progress(len(feats))
+        out = list(self.embed_batches(chunks, flip=flip))
         if not out:
             dim = self.meta.get("model", {}).get("embedding_dim", 0)
             return np.zeros((0, dim), np.float32)

@@ -114,13 +114,15 @@ class DataIterator:
     def __init__(self, build, fingerprint: dict):
         self._build = build
         self._batches = 0
-        self._iterator = iter(build(0))
+        self._iterator = None  # started by the first next(): a restore first costs nothing
         self._fingerprint = fingerprint
 
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = iter(self._build(self._batches))
         batch = next(self._iterator)
         self._batches += 1
         return batch["image"], batch["label"]
@@ -141,7 +143,7 @@ class DataIterator:
         if not isinstance(batches, int) or batches < 0:
             raise ValueError(f"the checkpoint's data position {batches!r} is not a batch count")
         self.close()
-        self._iterator = iter(self._build(batches))
+        self._iterator = None
         self._batches = batches
 
     def close(self) -> None:
