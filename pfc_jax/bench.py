@@ -38,10 +38,14 @@ def _parse(argv):
     head.add_argument("--batch", type=int, default=256, help="global batch B")
     head.add_argument("--dim", type=int, default=512, help="embedding size D")
     head.add_argument("--rate", type=float, default=0.1, help="sample rate in [0, 1]")
-    head.add_argument("--devices", type=int, default=None, help="devices to shard over (default: all; on CPU, fakes this many)")
+    head.add_argument(
+        "--devices", type=int, default=None, help="devices to shard over (default: all; on CPU, fakes this many)"
+    )
     head.add_argument("--steps", type=int, default=10, help="timed steps")
     head.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-    head.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="sgd: momentum 0.9, wd 5e-4 (the field's recipe)")
+    head.add_argument(
+        "--optimizer", choices=("sgd", "adamw"), default="sgd", help="sgd: momentum 0.9, wd 5e-4 (the field's recipe)"
+    )
     head.add_argument("--margin", choices=("arcface", "cosface"), default="arcface")
     head.add_argument("--logits-dtype", choices=("float32", "bfloat16"), default="float32")
     head.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -52,19 +56,28 @@ def _parse(argv):
     train.add_argument("--backbone", default=None, help="backbone name (default: the config's)")
     train.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
     train.add_argument("--dtype", choices=("float32", "bfloat16", "bf16"), default=None)
-    train.add_argument("--devices", type=int, default=None, help="devices to use (default: all; on CPU, fakes this many)")
+    train.add_argument(
+        "--devices", type=int, default=None, help="devices to use (default: all; on CPU, fakes this many)"
+    )
     train.add_argument("--steps", type=int, default=10)
     train.add_argument("--warmup", type=int, default=2)
     train.add_argument("--json", action="store_true")
     data = sub.add_parser("data", help="time the input pipeline")
-    data.add_argument("--source", default=None,
-                      help="rec:DIR | folder:DIR | tfds:NAME@DATA_DIR | synthetic (default: a temporary RecordIO of JPEGs)")
+    data.add_argument(
+        "--source",
+        default=None,
+        help="rec:DIR | folder:DIR | tfds:NAME@DATA_DIR | synthetic (default: a temporary RecordIO of JPEGs)",
+    )
     data.add_argument("--workers", type=int, default=0, help="worker processes (0: threads in this process)")
     data.add_argument("--threads", type=int, default=2, help="reader threads per process")
     data.add_argument("--batch", type=int, default=256)
     data.add_argument("--batches", type=int, default=20, help="timed batches")
-    data.add_argument("--augment", choices=("flip", "all"), default="flip",
-                      help="flip: the default; all: every augmentation with probability 0.5")
+    data.add_argument(
+        "--augment",
+        choices=("flip", "all"),
+        default="flip",
+        help="flip: the default; all: every augmentation with probability 0.5",
+    )
     data.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "data":
@@ -106,9 +119,7 @@ def _select_devices(requested):
     if requested is None:
         return devices
     if requested > len(devices):
-        raise SystemExit(
-            f"--devices {requested}: only {len(devices)} {devices[0].platform} device(s) available"
-        )
+        raise SystemExit(f"--devices {requested}: only {len(devices)} {devices[0].platform} device(s) available")
     return devices[:requested]
 
 
@@ -170,9 +181,7 @@ def bench_head(args) -> dict:
 
     memory = compiled.memory_analysis()
     num_sample = head.num_sample(args.batch)
-    row_leaves = sum(
-        1 for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == state.centers.shape
-    )
+    row_leaves = sum(1 for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == state.centers.shape)
     return {
         "benchmark": "head",
         "platform": devices[0].platform,
@@ -247,9 +256,7 @@ def bench_train(args) -> dict:
     # so that the device's peak memory after it is its own (the peak only grows).
     shardings = trainer.state_shardings(setup.params, setup.batch_stats)._replace(head=None)
     without_head = lambda *a: trainer.init_state(*a)._replace(head=None)
-    state = jax.jit(without_head, out_shardings=shardings)(
-        setup.params, setup.batch_stats, jax.random.key(config.seed)
-    )
+    state = jax.jit(without_head, out_shardings=shardings)(setup.params, setup.batch_stats, jax.random.key(config.seed))
 
     rng = np.random.default_rng(0)
     b, size = config.global_batch_size, config.data.image_size
@@ -269,9 +276,11 @@ def bench_train(args) -> dict:
         params = jax.tree.map(lambda p, u: p + u, state.params, updates)
         return state._replace(params=params, batch_stats=stats, opt_state=opt_state), None
 
-    backbone = jax.jit(
-        backbone_step, in_shardings=(shardings, batch), out_shardings=(shardings, None), donate_argnums=(0,)
-    ).lower(state, images).compile()
+    backbone = (
+        jax.jit(backbone_step, in_shardings=(shardings, batch), out_shardings=(shardings, None), donate_argnums=(0,))
+        .lower(state, images)
+        .compile()
+    )
     state, backbone_ms = _time(backbone, state, images, warmup=args.warmup, steps=args.steps)
     peak_backbone = _device_peak_bytes(devices)
     backbone_memory = {f"backbone_{k}": v for k, v in _compiled_bytes(backbone.memory_analysis()).items()}
@@ -360,8 +369,15 @@ def bench_data(args) -> dict:
         source = open_source(spec)
     size = source[0]["image"].shape[0] if "image" in source[0] else 112
     augment = Augment() if args.augment == "flip" else Augment(0.5, 0.5, 0.5, 0.5, 0.5)
-    it = pipeline.make_iterator(source, global_batch=args.batch, seed=0, image_size=size, augment=augment,
-                                threads=args.threads, workers=args.workers)
+    it = pipeline.make_iterator(
+        source,
+        global_batch=args.batch,
+        seed=0,
+        image_size=size,
+        augment=augment,
+        threads=args.threads,
+        workers=args.workers,
+    )
     for _ in range(3):  # start workers, fill buffers
         next(it)
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
@@ -389,8 +405,12 @@ def _compiled_bytes(memory) -> dict:
     """XLA's per-device estimate: temporaries, and everything live (donated inputs once)."""
     if memory is None:
         return {"compiled_temp_bytes": None, "compiled_total_bytes": None}
-    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    total = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
     return {"compiled_temp_bytes": memory.temp_size_in_bytes, "compiled_total_bytes": total}
 
 

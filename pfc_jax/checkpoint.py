@@ -78,12 +78,14 @@ class Checkpointer:
         backbone, train = _split(state)
         self._manager.save(
             step,
-            args=ocp.args.Composite(**{
-                BACKBONE: ocp.args.PyTreeSave(backbone),
-                TRAIN: ocp.args.PyTreeSave(train),
-                DATA: ocp.args.JsonSave(data_state),
-                META: ocp.args.JsonSave(meta),
-            }),
+            args=ocp.args.Composite(
+                **{
+                    BACKBONE: ocp.args.PyTreeSave(backbone),
+                    TRAIN: ocp.args.PyTreeSave(train),
+                    DATA: ocp.args.JsonSave(data_state),
+                    META: ocp.args.JsonSave(meta),
+                }
+            ),
             force=True,
         )
         return step
@@ -99,12 +101,14 @@ class Checkpointer:
         try:
             out = self._manager.restore(
                 step,
-                args=ocp.args.Composite(**{
-                    BACKBONE: ocp.args.PyTreeRestore(backbone, restore_args=_restore_args(backbone, None)),
-                    TRAIN: ocp.args.PyTreeRestore(train, restore_args=_restore_args(train, rows)),
-                    DATA: ocp.args.JsonRestore(),
-                    META: ocp.args.JsonRestore(),
-                }),
+                args=ocp.args.Composite(
+                    **{
+                        BACKBONE: ocp.args.PyTreeRestore(backbone, restore_args=_restore_args(backbone, None)),
+                        TRAIN: ocp.args.PyTreeRestore(train, restore_args=_restore_args(train, rows)),
+                        DATA: ocp.args.JsonRestore(),
+                        META: ocp.args.JsonRestore(),
+                    }
+                ),
             )
         except (ValueError, KeyError) as e:
             raise CheckpointError(
@@ -157,8 +161,9 @@ def load_backbone(workdir: str | pathlib.Path, step: int | None = None):
     try:
         model, meta = _restore_backbone(manager, step)
     except (OSError, ValueError, KeyError) as e:  # a step folder with missing or damaged items
-        raise CheckpointError(f"cannot read the backbone of checkpoint step {step} in {directory}: "
-                              f"{type(e).__name__}: {e}") from None
+        raise CheckpointError(
+            f"cannot read the backbone of checkpoint step {step} in {directory}: {type(e).__name__}: {e}"
+        ) from None
     finally:
         manager.close()
     return model, {**meta, "step": step}
@@ -171,18 +176,19 @@ def _restore_backbone(manager, step: int):
 
     meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
     m = meta["model"]
-    model = models.create(m["name"], embedding_dim=m["embedding_dim"], image_size=m["image_size"],
-                          dropout=m["dropout"])
+    model = models.create(m["name"], embedding_dim=m["embedding_dim"], image_size=m["image_size"], dropout=m["dropout"])
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     target = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
     restored = manager.restore(
         step,
-        args=ocp.args.Composite(**{
-            BACKBONE: ocp.args.PyTreeRestore(
-                abstract,
-                restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract),
-            )
-        }),
+        args=ocp.args.Composite(
+            **{
+                BACKBONE: ocp.args.PyTreeRestore(
+                    abstract,
+                    restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract),
+                )
+            }
+        ),
     )[BACKBONE]
     return nnx.merge(graphdef, restored["params"], restored["batch_stats"]), meta

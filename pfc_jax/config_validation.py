@@ -53,8 +53,10 @@ def _positive_int(config, field: str, minimum: int = 1):
 
 def _in_range(config, field: str, low: float, high: float, *, high_open=False, low_open=False):
     value = _get(config, field)
-    ok = isinstance(value, (int, float)) and (value > low if low_open else value >= low) and (
-        value < high if high_open else value <= high
+    ok = (
+        isinstance(value, (int, float))
+        and (value > low if low_open else value >= low)
+        and (value < high if high_open else value <= high)
     )
     lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
     _check(ok, field, value, f"must be in {lo}{low}, {high}{hi}")
@@ -70,8 +72,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
         config.global_batch_size % per_step == 0,
         "global_batch_size",
         config.global_batch_size,
-        f"must be a multiple of grad_accum_steps x devices = {config.grad_accum_steps} x "
-        f"{num_devices} = {per_step}",
+        f"must be a multiple of grad_accum_steps x devices = {config.grad_accum_steps} x {num_devices} = {per_step}",
     )
     _positive_int(config, "total_steps", minimum=0)
     _positive_int(config, "stop_at_step", minimum=0)
@@ -79,8 +80,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
         _in_range(config, "num_epochs", 0.0, float("inf"), low_open=True)
     _choice(config, "dtype", DTYPES)
 
-    _check(config.model.name in models.BACKBONES, "model.name", config.model.name,
-           f"unknown backbone; choose one of {', '.join(sorted(models.BACKBONES))}")
+    _check(
+        config.model.name in models.BACKBONES,
+        "model.name",
+        config.model.name,
+        f"unknown backbone; choose one of {', '.join(sorted(models.BACKBONES))}",
+    )
     _positive_int(config, "model.embedding_dim")
     _in_range(config, "model.dropout", 0.0, 1.0, high_open=True)
 
@@ -115,31 +120,50 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     _positive_int(config, "data.images_per_identity_in_batch")
     if config.data.sampler == "identity_balanced":
         k = config.data.images_per_identity_in_batch
-        _check(config.global_batch_size % k == 0, "data.images_per_identity_in_batch", k,
-               f"must divide global_batch_size ({config.global_batch_size})")
+        _check(
+            config.global_batch_size % k == 0,
+            "data.images_per_identity_in_batch",
+            k,
+            f"must divide global_batch_size ({config.global_batch_size})",
+        )
     for name in ("flip", "blur", "downup", "color_jitter", "grayscale"):
         _in_range(config, f"data.augment.{name}", 0.0, 1.0)
     if config.data.source == "synthetic":
         _positive_int(config, "data.synthetic.num_identities")
         _positive_int(config, "data.synthetic.images_per_identity")
     else:
-        what = {"recordio": "the folder with train.rec, train.idx and property",
-                "tfds": "the TFDS data_dir", "folder": "the root of the identity folders"}
-        _check(bool(config.data.path), "data.path", config.data.path,
-               f"data.source={config.data.source!r} needs {what[config.data.source]}")
+        what = {
+            "recordio": "the folder with train.rec, train.idx and property",
+            "tfds": "the TFDS data_dir",
+            "folder": "the root of the identity folders",
+        }
+        _check(
+            bool(config.data.path),
+            "data.path",
+            config.data.path,
+            f"data.source={config.data.source!r} needs {what[config.data.source]}",
+        )
         _check(os.path.isdir(config.data.path), "data.path", config.data.path, "no such directory")
         if config.data.source == "tfds":
-            _check(bool(config.data.tfds_name), "data.tfds_name", config.data.tfds_name,
-                   "data.source='tfds' needs the dataset name given to pfc_jax.data.prepare")
+            _check(
+                bool(config.data.tfds_name),
+                "data.tfds_name",
+                config.data.tfds_name,
+                "data.source='tfds' needs the dataset name given to pfc_jax.data.prepare",
+            )
 
     _positive_int(config, "eval.every_steps", minimum=0)
     _positive_int(config, "eval.batch_size")
     for name in bin_names(config.eval.bins):
         if name != SYNTHETIC:
             path = resolve_bin(name, config.eval.dir or config.data.path)
-            _check(path.is_file(), "eval.bins", config.eval.bins,
-                   f"{name!r} refers to {path}, which does not exist (set eval.dir to the folder with "
-                   "the .bin files, give a path ending in .bin, or use 'synthetic')")
+            _check(
+                path.is_file(),
+                "eval.bins",
+                config.eval.bins,
+                f"{name!r} refers to {path}, which does not exist (set eval.dir to the folder with "
+                "the .bin files, give a path ending in .bin, or use 'synthetic')",
+            )
 
     _positive_int(config, "log_every_steps")
     _positive_int(config, "checkpoint_every_steps")
@@ -156,7 +180,10 @@ def validate_run_length(config, *, total_steps: int, warmup_steps: int) -> None:
             "(raise --config.num_epochs or set --config.total_steps)"
         )
     if warmup_steps >= total_steps:
-        _fail("schedule.warmup_epochs", config.schedule.warmup_epochs,
-              f"warmup ({warmup_steps} steps) must be shorter than the run ({total_steps} steps)")
+        _fail(
+            "schedule.warmup_epochs",
+            config.schedule.warmup_epochs,
+            f"warmup ({warmup_steps} steps) must be shorter than the run ({total_steps} steps)",
+        )
     if config.stop_at_step > total_steps:
         _fail("stop_at_step", config.stop_at_step, f"must be <= the run's {total_steps} steps (0 = no early stop)")

@@ -144,13 +144,10 @@ def plan(
                 i = 0
             else:
                 raise DistributedError(
-                    f"{n_source}={n} without --process_id: give each process its id "
-                    f"0..{n - 1} with --process_id"
+                    f"{n_source}={n} without --process_id: give each process its id 0..{n - 1} with --process_id"
                 )
         if not 0 <= i < n:
-            raise DistributedError(
-                f"{i_source}={i} is out of range for {n_source}={n}: ids run from 0 to {n - 1}"
-            )
+            raise DistributedError(f"{i_source}={i} is out of range for {n_source}={n}: ids run from 0 to {n - 1}")
         if n == 1:
             return Plan("single", reason=f"{n_source}=1")
         if coordinator is None:

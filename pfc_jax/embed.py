@@ -70,8 +70,10 @@ def read_image(path: str | pathlib.Path, size: int) -> np.ndarray:
     except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "not an image"
         raise EmbedError(f"cannot decode {path}: {e}") from None
     if image.shape[:2] != (size, size):
-        raise EmbedError(f"{path} is {image.shape[1]}x{image.shape[0]}; the model takes aligned "
-                         f"{size}x{size} faces (align and crop first)")
+        raise EmbedError(
+            f"{path} is {image.shape[1]}x{image.shape[0]}; the model takes aligned "
+            f"{size}x{size} faces (align and crop first)"
+        )
     return image
 
 
@@ -97,8 +99,10 @@ class OnnxEmbedder:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         shape = inputs[0].shape
         if len(inputs) != 1 or len(outputs) != 1 or len(shape) != 4 or shape[1] != 3:
-            raise EmbedError(f"{path} is not a face embedding model: expected one input [N, 3, S, S] "
-                             f"and one output, got inputs {[(i.name, i.shape) for i in inputs]}")
+            raise EmbedError(
+                f"{path} is not a face embedding model: expected one input [N, 3, S, S] "
+                f"and one output, got inputs {[(i.name, i.shape) for i in inputs]}"
+            )
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
         self.image_size = shape[2] if isinstance(shape[2], int) else None
         self.batch_size = batch_size
@@ -116,8 +120,9 @@ class OnnxEmbedder:
             yield out.astype(np.float32)
 
 
-def load_embedder(*, onnx: str | None = None, workdir: str | None = None, step: int | None = None,
-                  batch_size: int = 64):
+def load_embedder(
+    *, onnx: str | None = None, workdir: str | None = None, step: int | None = None, batch_size: int = 64
+):
     """An :class:`OnnxEmbedder` or, for a workdir, an :class:`~pfc_jax.inference.Embedder`."""
     if onnx is not None:
         return OnnxEmbedder(onnx, batch_size)
@@ -131,15 +136,16 @@ def _decoded_batches(paths: Sequence[pathlib.Path], size: int, batch_size: int) 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         pending = collections.deque()
         for start in range(0, len(paths), batch_size):
-            pending.append([pool.submit(read_image, p, size) for p in paths[start:start + batch_size]])
+            pending.append([pool.submit(read_image, p, size) for p in paths[start : start + batch_size]])
             if len(pending) > 2:
                 yield np.stack([f.result() for f in pending.popleft()])
         while pending:
             yield np.stack([f.result() for f in pending.popleft()])
 
 
-def embed_images(embedder, paths: Sequence[pathlib.Path], *, flip: bool = False, batch_size: int = 64,
-                 progress: bool = True) -> np.ndarray:
+def embed_images(
+    embedder, paths: Sequence[pathlib.Path], *, flip: bool = False, batch_size: int = 64, progress: bool = True
+) -> np.ndarray:
     """float32 [len(paths), D] embeddings, in order."""
     size = embedder.image_size or 112
     bar = Progress(len(paths), "images", enabled=progress)
@@ -171,8 +177,10 @@ def _parse(argv):
     parser = argparse.ArgumentParser(
         prog="python -m pfc_jax.embed" + (" compare" if compare else ""),
         description="cosine similarity of two aligned face images" if compare else __doc__.splitlines()[0],
-        epilog=None if compare else "python -m pfc_jax.embed compare A.jpg B.jpg (--onnx M | --workdir DIR) "
-                                    "prints the cosine similarity of two images",
+        epilog=None
+        if compare
+        else "python -m pfc_jax.embed compare A.jpg B.jpg (--onnx M | --workdir DIR) "
+        "prints the cosine similarity of two images",
     )
     if compare:
         parser.add_argument("image_a")
@@ -184,8 +192,9 @@ def _parse(argv):
     parser.add_argument("--flip", action="store_true", help="add the embedding of the mirrored image")
     if not compare:
         parser.add_argument("--images", required=True, help="a folder of images, or a text file of image paths")
-        parser.add_argument("--out", required=True,
-                            help="the .npy file to write; the image paths go beside it in <name>.paths.txt")
+        parser.add_argument(
+            "--out", required=True, help="the .npy file to write; the image paths go beside it in <name>.paths.txt"
+        )
         parser.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
     args = parser.parse_args(argv[1:] if compare else argv)
     args.command = "compare" if compare else "embed"
@@ -219,8 +228,7 @@ def main(argv=None) -> None:
         if pathlib.Path(args.images).resolve() == listing.resolve():
             raise EmbedError(f"--out {out} would overwrite the image list {listing}; choose another name")
         paths = find_images(args.images)
-        embedder = load_embedder(onnx=args.onnx, workdir=args.workdir, step=args.step,
-                                 batch_size=args.batch_size)
+        embedder = load_embedder(onnx=args.onnx, workdir=args.workdir, step=args.step, batch_size=args.batch_size)
         feats = embed_images(embedder, paths, flip=args.flip, batch_size=args.batch_size)
     except errors as e:
         raise SystemExit(f"error: {e}") from None

@@ -22,8 +22,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pfc_jax.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="a pfc_jax training workdir (its checkpoints/)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--bin", nargs="+", default=[], metavar="FILE",
-                   help="insightface .bin pair files (lfw.bin, cfp_fp.bin, agedb_30.bin, ...) or 'synthetic'")
+    p.add_argument(
+        "--bin",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="insightface .bin pair files (lfw.bin, cfp_fp.bin, agedb_30.bin, ...) or 'synthetic'",
+    )
     p.add_argument("--ijb", default=None, metavar="DIR", help="IJB release root (loose_crop/, meta/)")
     p.add_argument("--ijb-target", choices=("IJBB", "IJBC"), default="IJBC")
     p.add_argument("--no-detector-score", action="store_true", help="IJB: don't weight features by detection score")
@@ -62,17 +67,31 @@ def run(args) -> dict:
             sets.append(evaluation.synthetic_pairs(config))
         else:
             sets.append(evaluation.PairSet.load(name, size))
-    out = {"workdir": str(workdir.absolute()), "step": embedder.meta["step"], "model": embedder.meta["model"],
-           "bins": {}}
+    out = {
+        "workdir": str(workdir.absolute()),
+        "step": embedder.meta["step"],
+        "model": embedder.meta["model"],
+        "bins": {},
+    }
     for s in sets:
         out["bins"][s.name] = {"pairs": int(len(s.issame)), **s.evaluate(embedder).to_dict()}
     if protocol is not None:
-        features = ijb.extract_features(protocol, embedder.embed_batches, batch_size=embedder.batch_size,
-                                        image_size=size, cache_dir=args.cache_dir, progress=not args.json)
+        features = ijb.extract_features(
+            protocol,
+            embedder.embed_batches,
+            batch_size=embedder.batch_size,
+            image_size=size,
+            cache_dir=args.cache_dir,
+            progress=not args.json,
+        )
         tar = ijb.evaluate(protocol, features, detector_score=not args.no_detector_score)
-        out["ijb"] = {"target": args.ijb_target, "images": len(protocol.images),
-                      "templates": int(len(set(protocol.templates.tolist()))), "pairs": int(len(protocol.pairs)),
-                      "tar_at_far": {f"{far:.0e}": v for far, v in tar.items()}}
+        out["ijb"] = {
+            "target": args.ijb_target,
+            "images": len(protocol.images),
+            "templates": int(len(set(protocol.templates.tolist()))),
+            "pairs": int(len(protocol.pairs)),
+            "tar_at_far": {f"{far:.0e}": v for far, v in tar.items()},
+        }
     return out
 
 
@@ -86,8 +105,10 @@ def format_table(out: dict) -> str:
     if "ijb" in out:
         j = out["ijb"]
         fars = list(j["tar_at_far"])
-        lines.append(f"{j['target']} 1:1 verification: {j['images']:,} images, {j['templates']:,} templates, "
-                     f"{j['pairs']:,} pairs")
+        lines.append(
+            f"{j['target']} 1:1 verification: {j['images']:,} images, {j['templates']:,} templates, "
+            f"{j['pairs']:,} pairs"
+        )
         lines.append("TAR @ FAR  " + "".join(f"{f:>9}" for f in fars))
         lines.append("           " + "".join(f"{j['tar_at_far'][f] * 100:>8.2f}%" for f in fars))
     return "\n".join(lines)

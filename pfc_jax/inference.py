@@ -64,8 +64,9 @@ class Embedder:
         self._replicated = replicated
         self.set_weights(nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats))
         self._forward = {
-            flip: jax.jit(functools.partial(forward, flip=flip), in_shardings=(replicated, in_sharding),
-                          out_shardings=in_sharding)
+            flip: jax.jit(
+                functools.partial(forward, flip=flip), in_shardings=(replicated, in_sharding), out_shardings=in_sharding
+            )
             for flip in (False, True)
         }
         self._in_sharding = in_sharding
@@ -102,7 +103,9 @@ class Embedder:
                 pad = np.zeros((self.batch_size - n, *images.shape[1:]), np.uint8)
                 images = np.concatenate([images, pad])
             # Every process passes the same images (a multi-process mesh takes its part of them).
-            x = jax.make_array_from_callback(images.shape, self._in_sharding, lambda index: images[index])
+            x = jax.make_array_from_callback(
+                images.shape, self._in_sharding, lambda index, images=images: images[index]
+            )
             out = self._forward[bool(flip)](self._weights, x)
             if not out.is_fully_addressable:
                 out = multihost_utils.process_allgather(out, tiled=True)
@@ -111,7 +114,7 @@ class Embedder:
     def __call__(self, images: np.ndarray, *, flip: bool = False) -> np.ndarray:
         """Embeddings of all ``images`` (uint8 [N, S, S, 3]) as float32 [N, D]."""
         images = np.asarray(images)
-        chunks = (images[i:i + self.batch_size] for i in range(0, len(images), self.batch_size))
+        chunks = (images[i : i + self.batch_size] for i in range(0, len(images), self.batch_size))
         out = list(self.embed_batches(chunks, flip=flip))
         if not out:
             dim = self.meta.get("model", {}).get("embedding_dim", 0)

@@ -18,21 +18,26 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/<name>.py); override fields with --config.<field>=value.",
+    "config",
+    None,
+    "Config file (configs/<name>.py); override fields with --config.<field>=value.",
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator", None,
+    "coordinator",
+    None,
     "Multi-process runs: HOST:PORT of process 0, the same on every process "
     "(default: $JAX_COORDINATOR_ADDRESS; detected on SLURM and Cloud TPU).",
 )
 _NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None,
+    "num_processes",
+    None,
     "Multi-process runs: number of processes (default: $JAX_NUM_PROCESSES; detected on SLURM and Cloud TPU).",
 )
 _PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None,
+    "process_id",
+    None,
     "Multi-process runs: this process's id in [0, num_processes) (default: $JAX_PROCESS_ID).",
 )
 flags.mark_flags_as_required(["config", "workdir"])

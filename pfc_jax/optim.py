@@ -100,7 +100,6 @@ def write_index(index: jax.Array, keep: jax.Array, num_rows: int) -> jax.Array:
     return jnp.where(keep, index, num_rows + jnp.arange(index.shape[0], dtype=index.dtype))
 
 
-
 # ---- from the run config -----------------------------------------------------------------
 
 

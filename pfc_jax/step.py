@@ -140,9 +140,9 @@ class TrainStep:
             batch_stats, g_params, g_rows, loss, accuracy = carry
             embed = lambda p: self.embed(p, batch_stats, images[k], jax.random.fold_in(dropout_key, k))
             embeddings, backward, batch_stats = jax.vjp(embed, state.params, has_aux=True)
-            (loss_k, metrics), (g_emb, g_rows_k) = jax.value_and_grad(
-                head.loss, argnums=(0, 1), has_aux=True
-            )(embeddings, rows, sample._replace(target=targets[:, k].reshape(-1)))
+            (loss_k, metrics), (g_emb, g_rows_k) = jax.value_and_grad(head.loss, argnums=(0, 1), has_aux=True)(
+                embeddings, rows, sample._replace(target=targets[:, k].reshape(-1))
+            )
             (g_params_k,) = backward(g_emb)
             carry = (
                 batch_stats,

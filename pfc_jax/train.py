@@ -120,8 +120,13 @@ def build(config, mesh, *, num_classes: int, num_examples: int) -> Setup:
         "total_steps": total_steps,
     }
     return Setup(
-        trainer, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats), models.count_params(model),
-        total_steps, warmup_steps, meta,
+        trainer,
+        nnx.to_pure_dict(params),
+        nnx.to_pure_dict(batch_stats),
+        models.count_params(model),
+        total_steps,
+        warmup_steps,
+        meta,
     )
 
 
@@ -289,8 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if preempted:
                 ckpt.wait()
                 reporter.message(
-                    f"SIGTERM: saved checkpoint step {step} in {ckpt.directory}; "
-                    "run the same command again to resume"
+                    f"SIGTERM: saved checkpoint step {step} in {ckpt.directory}; run the same command again to resume"
                 )
                 break
             if not is_last:

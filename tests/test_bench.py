@@ -12,15 +12,32 @@ import pytest
 def run_bench(*args):
     return subprocess.run(
         [sys.executable, "-m", "pfc_jax.bench", *args],
-        capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=pathlib.Path(__file__).parents[1],
         # The bench fakes its own CPU devices; drop the 8 that conftest asked for.
         env={**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"},
     )
 
 
 def test_head_json_on_fake_devices():
-    out = run_bench("head", "--classes", "1003", "--batch", "32", "--dim", "16",
-                    "--rate", "0.1", "--devices", "4", "--steps", "3", "--json")
+    out = run_bench(
+        "head",
+        "--classes",
+        "1003",
+        "--batch",
+        "32",
+        "--dim",
+        "16",
+        "--rate",
+        "0.1",
+        "--devices",
+        "4",
+        "--steps",
+        "3",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["devices"] == 4 and result["platform"] == "cpu"
@@ -52,9 +69,26 @@ def test_head_bad_arguments(args, message):
 
 
 def test_train_json_reports_full_step_and_backbone_alone():
-    out = run_bench("train", "--config", "configs/synthetic.py", "--backbone", "mobilefacenet_narrow",
-                    "--batch", "16", "--classes", "500", "--rate", "0.2", "--devices", "2",
-                    "--steps", "2", "--warmup", "1", "--json")
+    out = run_bench(
+        "train",
+        "--config",
+        "configs/synthetic.py",
+        "--backbone",
+        "mobilefacenet_narrow",
+        "--batch",
+        "16",
+        "--classes",
+        "500",
+        "--rate",
+        "0.2",
+        "--devices",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout)
     assert r["benchmark"] == "train" and r["devices"] == 2 and r["classes"] == 500
@@ -68,8 +102,9 @@ def test_data_json_on_a_recordio_dataset(tmp_path):
     from pfc_jax.data import synth
 
     synth.write(str(tmp_path / "rec"), identities=8, images_per_id=8, pairs=0, progress=False)
-    out = run_bench("data", "--source", f"rec:{tmp_path / 'rec'}", "--batch", "16", "--batches", "2",
-                    "--augment", "all", "--json")
+    out = run_bench(
+        "data", "--source", f"rec:{tmp_path / 'rec'}", "--batch", "16", "--batches", "2", "--augment", "all", "--json"
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout)
     assert r["benchmark"] == "data" and r["images"] == 32 and r["images_per_sec"] > 0

@@ -24,8 +24,7 @@ MAGIC = struct.pack("<I", 0xCED7230A)
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "ds"
-    synth.write(str(out), identities=12, images_per_id=5, image_size=32, pairs=20,
-                holdout_identities=6, progress=False)
+    synth.write(str(out), identities=12, images_per_id=5, image_size=32, pairs=20, holdout_identities=6, progress=False)
     return out
 
 
@@ -39,8 +38,15 @@ def test_hand_assembled_records_match_the_published_format(tmp_path):
     # A payload holding the magic word at an aligned offset (8) is split there; the magic
     # is dropped from the parts and restored on reading.
     payload = b"ABCDEFGH" + MAGIC + b"xyz"
-    split = (MAGIC + struct.pack("<I", (1 << 29) | 8) + b"ABCDEFGH"
-             + MAGIC + struct.pack("<I", (3 << 29) | 3) + b"xyz" + b"\0")
+    split = (
+        MAGIC
+        + struct.pack("<I", (1 << 29) | 8)
+        + b"ABCDEFGH"
+        + MAGIC
+        + struct.pack("<I", (3 << 29) | 3)
+        + b"xyz"
+        + b"\0"
+    )
     assert recordio.encode_record(payload) == split
     # An image payload: '<IfQQ' header (flag, label, id, id2), then the image bytes.
     image_payload = struct.pack("<IfQQ", 0, 3.0, 7, 0) + b"\xff\xd8jpeg"
@@ -127,8 +133,9 @@ def test_missing_and_stale_index_offer_a_rebuild(synth_dir, tmp_path):
     os.remove(d / "train.idx")
     with pytest.raises(RecordIOError, match=r"train.idx is missing.*python -m pfc_jax.data.recordio index"):
         RecordIODataset(str(d))
-    out = subprocess.run([sys.executable, "-m", "pfc_jax.data.recordio", "index", str(d)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "pfc_jax.data.recordio", "index", str(d)], capture_output=True, text=True
+    )
     assert out.returncode == 0 and "records" in out.stdout
     rebuilt = RecordIODataset(str(d))
     assert rebuilt._index == good._index
@@ -153,8 +160,9 @@ def test_label_out_of_range_and_bad_property(synth_dir, tmp_path):
     os.remove(d / "property")
     with pytest.raises(RecordIOError, match="property is missing"):
         RecordIODataset(str(d))
-    out = subprocess.run([sys.executable, "-m", "pfc_jax.data.recordio", "check", str(d)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "pfc_jax.data.recordio", "check", str(d)], capture_output=True, text=True
+    )
     assert out.returncode == 1 and "property is missing" in out.stderr
 
 
@@ -163,9 +171,25 @@ def test_label_out_of_range_and_bad_property(synth_dir, tmp_path):
 
 def test_synth_writer_cli(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "pfc_jax.data.synth", "--out", str(tmp_path / "s"), "--identities", "4",
-         "--images-per-id", "3", "--image-size", "32", "--pairs", "10", "--holdout-identities", "3"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pfc_jax.data.synth",
+            "--out",
+            str(tmp_path / "s"),
+            "--identities",
+            "4",
+            "--images-per-id",
+            "3",
+            "--image-size",
+            "32",
+            "--pairs",
+            "10",
+            "--holdout-identities",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr
     ds = RecordIODataset(str(tmp_path / "s"))
@@ -187,9 +211,19 @@ def test_synth_writer_cli(tmp_path):
 
 def test_tfds_build_data_source_and_batches(synth_dir, tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "pfc_jax.data.prepare", "--source", f"rec:{synth_dir}",
-         "--name", "synth_faces", "--data-dir", str(tmp_path)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pfc_jax.data.prepare",
+            "--source",
+            f"rec:{synth_dir}",
+            "--name",
+            "synth_faces",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     ds = TFDSDataset(str(tmp_path), "synth_faces")
@@ -268,8 +302,9 @@ def batches(it, n):
 
 def test_two_processes_are_disjoint_and_cover_each_epoch():
     n, batch = 48, 8  # 6 global batches per epoch
-    make = lambda p: pipeline.make_iterator(Indexed(n), global_batch=batch, seed=3, image_size=16,
-                                            process_index=p, process_count=2, threads=2)
+    make = lambda p: pipeline.make_iterator(
+        Indexed(n), global_batch=batch, seed=3, image_size=16, process_index=p, process_count=2, threads=2
+    )
     p0, p1 = batches(make(0), 12), batches(make(1), 12)
     for epoch in (0, 1):
         seen = [x for b in range(6 * epoch, 6 * epoch + 6) for x in p0[b] + p1[b]]
@@ -297,8 +332,9 @@ def test_state_restore_continues_the_exact_order_and_threads_do_not_matter():
 
 def test_worker_processes_give_the_same_batches():
     source = SyntheticIdentities(6, 4, image_size=16)
-    make = lambda w: pipeline.make_iterator(source, global_batch=8, seed=0, image_size=16, workers=w,
-                                            augment=Augment(flip=0.5, blur=0.5, color_jitter=0.5))
+    make = lambda w: pipeline.make_iterator(
+        source, global_batch=8, seed=0, image_size=16, workers=w, augment=Augment(flip=0.5, blur=0.5, color_jitter=0.5)
+    )
     a, b = make(0), make(1)
     for _ in range(3):
         (xa, ya), (xb, yb) = next(a), next(b)
@@ -308,15 +344,17 @@ def test_worker_processes_give_the_same_batches():
 
 
 def test_identity_balanced_batches():
-    it = pipeline.make_iterator(Indexed(64), global_batch=8, seed=0, image_size=16,
-                                sampler="identity_balanced", images_per_identity=4)
+    it = pipeline.make_iterator(
+        Indexed(64), global_batch=8, seed=0, image_size=16, sampler="identity_balanced", images_per_identity=4
+    )
     for labels in batches(it, 5):
         identities = [x // 4 for x in labels]
         assert identities[:4] == [identities[0]] * 4 and identities[4:] == [identities[4]] * 4
         assert identities[0] != identities[4]
     with pytest.raises(ValueError, match="need 8 identities per batch .* the dataset has 4"):
-        pipeline.make_iterator(Indexed(16), global_batch=16, seed=0, image_size=16,
-                               sampler="identity_balanced", images_per_identity=2)
+        pipeline.make_iterator(
+            Indexed(16), global_batch=16, seed=0, image_size=16, sampler="identity_balanced", images_per_identity=2
+        )
 
 
 def test_bad_labels_and_sizes_are_reported():

@@ -88,8 +88,15 @@ def test_perfect_embeddings_score_one():
 
 
 def test_synth_pair_file_loads(tmp_path):
-    synth.write(str(tmp_path / "ds"), identities=5, images_per_id=2, image_size=32, pairs=20,
-                holdout_identities=4, progress=False)
+    synth.write(
+        str(tmp_path / "ds"),
+        identities=5,
+        images_per_id=2,
+        image_size=32,
+        pairs=20,
+        holdout_identities=4,
+        progress=False,
+    )
     pairs = verification.PairSet.load(tmp_path / "ds" / "synth_val.bin", image_size=32)
     assert pairs.images.shape == (40, 32, 32, 3) and pairs.images.dtype == np.uint8
     assert pairs.issame.tolist() == [i % 2 == 0 for i in range(20)]
@@ -106,8 +113,9 @@ def _jpeg(value):
 def test_python2_and_protocol2_pair_files_load(tmp_path):
     images = [_jpeg(10), _jpeg(200)]
     # As Python 2 pickled it: the images are `str` (SHORT_BINSTRING), read back as bytes.
-    body = b"".join(b"U" + bytes([len(x)]) + x if len(x) < 256 else b"T" + len(x).to_bytes(4, "little") + x
-                    for x in images)
+    body = b"".join(
+        b"U" + bytes([len(x)]) + x if len(x) < 256 else b"T" + len(x).to_bytes(4, "little") + x for x in images
+    )
     py2 = b"\x80\x02](" + body + b"e]\x88a\x86q\x00."
     (tmp_path / "py2.bin").write_bytes(py2)
     loaded, issame = verification.load_bin(tmp_path / "py2.bin")
@@ -138,13 +146,16 @@ def test_a_crafted_pickle_is_refused_not_executed(tmp_path):
         verification.load_bin(tmp_path / "np.bin")
 
 
-@pytest.mark.parametrize("content, message", [
-    (pickle.dumps([b"a", b"b", b"c"]), "expected a pickle of"),
-    (pickle.dumps(([b"a", b"b", b"c"], [True])), "3 images for 1 pairs"),
-    (pickle.dumps(([b"a", 5], [True])), "list of encoded images"),
-    (pickle.dumps(([b"a", b"b"], ["yes"])), "same/different booleans"),
-    (b"\x80\x04garbage", "not a verification pair file"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (pickle.dumps([b"a", b"b", b"c"]), "expected a pickle of"),
+        (pickle.dumps(([b"a", b"b", b"c"], [True])), "3 images for 1 pairs"),
+        (pickle.dumps(([b"a", 5], [True])), "list of encoded images"),
+        (pickle.dumps(([b"a", b"b"], ["yes"])), "same/different booleans"),
+        (b"\x80\x04garbage", "not a verification pair file"),
+    ],
+)
 def test_malformed_pair_files(tmp_path, content, message):
     (tmp_path / "x.bin").write_bytes(content)
     with pytest.raises(verification.PairFileError, match=message):
@@ -176,8 +187,9 @@ def _loose_crop(face, m, size=160):
     full = np.vstack([m, [0, 0, 1]])
     shift = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
     inverse = np.linalg.inv(shift @ full @ np.linalg.inv(shift))
-    return Image.fromarray(face).transform((size, size), Image.AFFINE, data=tuple(inverse[:2].ravel()),
-                                           resample=Image.BILINEAR)
+    return Image.fromarray(face).transform(
+        (size, size), Image.AFFINE, data=tuple(inverse[:2].ravel()), resample=Image.BILINEAR
+    )
 
 
 def test_alignment_undoes_a_similarity():
@@ -219,8 +231,9 @@ def make_ijb(root, target="IJBC", identities=6, images=4, size=112):
     (root / "meta" / f"{t}_name_5pts_score.txt").write_text("\n".join(points) + "\n")
     (root / "meta" / f"{t}_face_tid_mid.txt").write_text("\n".join(tid_mid) + "\n")
     ts = sorted(template_identity)
-    pairs = [f"{a} {b} {int(template_identity[a] == template_identity[b])}"
-             for i, a in enumerate(ts) for b in ts[i + 1:]]
+    pairs = [
+        f"{a} {b} {int(template_identity[a] == template_identity[b])}" for i, a in enumerate(ts) for b in ts[i + 1 :]
+    ]
     (root / "meta" / f"{t}_template_pair_label.txt").write_text("\n".join(pairs) + "\n")
     return template_identity
 
@@ -269,10 +282,17 @@ def test_ijb_layout_errors(tmp_path):
 # ---- In training and from the command line ---------------------------------------------
 
 TRAIN = [
-    "--config.model.name=iresnet_narrow", "--config.model.embedding_dim=16", "--config.data.image_size=32",
-    "--config.global_batch_size=32", "--config.data.synthetic.num_identities=100",
-    "--config.data.synthetic.images_per_identity=8", "--config.total_steps=40", "--config.log_every_steps=10",
-    "--config.checkpoint_every_steps=40", "--config.eval.bins=synthetic", "--config.eval.every_steps=20",
+    "--config.model.name=iresnet_narrow",
+    "--config.model.embedding_dim=16",
+    "--config.data.image_size=32",
+    "--config.global_batch_size=32",
+    "--config.data.synthetic.num_identities=100",
+    "--config.data.synthetic.images_per_identity=8",
+    "--config.total_steps=40",
+    "--config.log_every_steps=10",
+    "--config.checkpoint_every_steps=40",
+    "--config.eval.bins=synthetic",
+    "--config.eval.every_steps=20",
 ]
 
 
@@ -283,8 +303,9 @@ def _env():
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600,
-                          env=_env(), cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT
+    )
 
 
 def _evaluate(capsys, *argv):
@@ -312,8 +333,13 @@ def test_training_evaluates_and_learns(trained):
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/synthetic/accuracy" in r]
     assert [r["step"] for r in evals] == [20, 40]
-    assert set(evals[-1]) == {"step", "eval/synthetic/accuracy", "eval/synthetic/accuracy_std",
-                              "eval/synthetic/threshold", "eval/synthetic/val_at_far_1e-3"}
+    assert set(evals[-1]) == {
+        "step",
+        "eval/synthetic/accuracy",
+        "eval/synthetic/accuracy_std",
+        "eval/synthetic/threshold",
+        "eval/synthetic/val_at_far_1e-3",
+    }
     assert evals[-1]["eval/synthetic/accuracy"] > 0.7  # held-out identities: chance is 0.5
     events = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and b"eval/synthetic/accuracy" in events[0].read_bytes()
@@ -323,8 +349,9 @@ def test_evaluate_cli_on_bin_files_matches_training(trained, tmp_path, capsys):
     workdir, _ = trained
     # The same held-out pairs, written to disk as an insightface .bin.
     synth.write(str(tmp_path / "ds"), identities=100, images_per_id=8, image_size=32, progress=False)
-    code, stdout, stderr = _evaluate(capsys, "--workdir", str(workdir), "--bin",
-                                     str(tmp_path / "ds" / "synth_val.bin"), "synthetic", "--json")
+    code, stdout, stderr = _evaluate(
+        capsys, "--workdir", str(workdir), "--bin", str(tmp_path / "ds" / "synth_val.bin"), "synthetic", "--json"
+    )
     assert code == 0, stderr[-3000:]
     result = json.loads(stdout)
     assert result["step"] == 40 and result["model"]["name"] == "iresnet_narrow"
@@ -341,8 +368,19 @@ def test_evaluate_cli_on_bin_files_matches_training(trained, tmp_path, capsys):
 def test_evaluate_cli_on_ijb_resumes_from_its_cache(trained, tmp_path, capsys):
     workdir, _ = trained
     make_ijb(tmp_path / "IJBC", size=32)
-    cmd = ["--workdir", str(workdir), "--ijb", str(tmp_path / "IJBC"), "--ijb-target", "IJBC",
-           "--cache-dir", str(tmp_path / "cache"), "--batch-size", "8", "--json"]
+    cmd = [
+        "--workdir",
+        str(workdir),
+        "--ijb",
+        str(tmp_path / "IJBC"),
+        "--ijb-target",
+        "IJBC",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--batch-size",
+        "8",
+        "--json",
+    ]
     code, stdout, stderr = _evaluate(capsys, *cmd)
     assert code == 0, stderr[-3000:]
     table = json.loads(stdout)["ijb"]

@@ -50,8 +50,11 @@ def make_workdir(path: pathlib.Path, name: str, step: int = 7, seed: int = 0) ->
         head=HeadState(np.zeros((8, DIM), np.float32), ()),
         rng=jax.random.key_data(jax.random.key(seed)),
     )
-    meta = {"model": {"name": name, "embedding_dim": DIM, "image_size": SIZE, "dropout": 0.0},
-            "num_classes": 8, "num_devices": 1}
+    meta = {
+        "model": {"name": name, "embedding_dim": DIM, "image_size": SIZE, "dropout": 0.0},
+        "num_classes": 8,
+        "num_devices": 1,
+    }
     ckpt = checkpoint.Checkpointer(path / "checkpoints", async_save=False)
     ckpt.save(state, {}, meta)
     ckpt.close()
@@ -124,9 +127,22 @@ def test_cli_exports_a_chosen_step_and_prints_a_summary(exported, tmp_path, caps
 
 
 def test_missing_or_incomplete_workdir_fails_clearly(exported, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pfc_jax.export", "--workdir", str(tmp_path / "nowhere"),
-                          "--output", str(tmp_path / "m.onnx")], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pfc_jax.export",
+            "--workdir",
+            str(tmp_path / "nowhere"),
+            "--output",
+            str(tmp_path / "m.onnx"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        timeout=300,
+    )
     assert out.returncode == 1 and "no checkpoints/ directory" in out.stderr and "Traceback" not in out.stderr
     incomplete = tmp_path / "incomplete"
     (incomplete / "checkpoints" / "5.orbax-checkpoint-tmp-1700000000").mkdir(parents=True)
@@ -157,8 +173,9 @@ def test_reexport_replaces_the_file_and_its_external_data(exported, tmp_path):
     assert sizes[0] == sizes[1] and sizes[0][1] > 3072 * 64 * 4
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = random_batch(2, seed=0)
-    np.testing.assert_allclose(session.run(None, {"input": x.transpose(0, 3, 1, 2)})[0],
-                               jax_embeddings(workdir, x), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        session.run(None, {"input": x.transpose(0, 3, 1, 2)})[0], jax_embeddings(workdir, x), atol=1e-4, rtol=0
+    )
     export.export(workdir, path)  # back to one self-contained file
     assert not data.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
@@ -236,13 +253,19 @@ def test_embed_cli_onnx_equals_workdir(exported, tmp_path, capsys):
     assert (tmp_path / "a.paths.txt").read_text().splitlines() == [str(p) for p in paths]
     # A list file: its order, paths relative to the list's folder.
     (tmp_path / "list.txt").write_text("".join(f"{p.relative_to(tmp_path)}\n" for p in reversed(paths)))
-    embed.main(["--onnx", str(onnx_path), "--images", str(tmp_path / "list.txt"), "--out", str(tmp_path / "c.npy"),
-                "--flip"])
+    embed.main(
+        ["--onnx", str(onnx_path), "--images", str(tmp_path / "list.txt"), "--out", str(tmp_path / "c.npy"), "--flip"]
+    )
     np.testing.assert_allclose(np.load(tmp_path / "c.npy"), a[::-1], atol=1e-5, rtol=0)
     capsys.readouterr()
 
-    out = subprocess.run([sys.executable, "-m", "pfc_jax.embed", "compare", str(paths[0]), str(paths[1]),
-                          "--onnx", str(onnx_path)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "pfc_jax.embed", "compare", str(paths[0]), str(paths[1]), "--onnx", str(onnx_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     cos = float(out.stdout)
     assert -1.0 <= cos <= 1.0

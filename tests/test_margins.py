@@ -70,8 +70,14 @@ def test_logits_margin_on_target_only_and_interclass_filtering():
 
 @pytest.mark.parametrize(
     "kwargs,field",
-    [(dict(s=0.0), "scale s"), (dict(m1=0.5), "m1"), (dict(m2=-0.1), "m2"), (dict(m3=3.0), "m3"),
-     (dict(gradient="approx"), "gradient"), (dict(interclass_filtering_threshold=1.0), "interclass")],
+    [
+        (dict(s=0.0), "scale s"),
+        (dict(m1=0.5), "m1"),
+        (dict(m2=-0.1), "m2"),
+        (dict(m3=3.0), "m3"),
+        (dict(gradient="approx"), "gradient"),
+        (dict(interclass_filtering_threshold=1.0), "interclass"),
+    ],
 )
 def test_invalid_margins_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -65,13 +65,25 @@ def launch(workdir, logs, *overrides, processes=2, devices=4):
     """The launcher script, as a user runs it."""
     e = env()
     e.update(PYTHON=sys.executable, PFC_LOG_DIR=str(logs))
-    return subprocess.run(["bash", str(LAUNCH), str(processes), str(devices), *main_args(workdir, *overrides)],
-                          capture_output=True, text=True, timeout=300, env=e, cwd=ROOT)
+    return subprocess.run(
+        ["bash", str(LAUNCH), str(processes), str(devices), *main_args(workdir, *overrides)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=e,
+        cwd=ROOT,
+    )
 
 
 def single(workdir, *overrides, devices=8):
-    return subprocess.run([sys.executable, "-m", "pfc_jax.main", *main_args(workdir, *overrides)],
-                          capture_output=True, text=True, timeout=300, env=env(devices), cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "pfc_jax.main", *main_args(workdir, *overrides)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env(devices),
+        cwd=ROOT,
+    )
 
 
 def saved(workdir, step):
@@ -191,12 +203,27 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     port = free_port()
     procs, logs = [], []
     for i in range(2):
-        args = main_args(tmp_path / "run", NO_EVAL, "--config.total_steps=100000", "--config.log_every_steps=1",
-                         "--config.checkpoint_every_steps=100000",
-                         f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}")
+        args = main_args(
+            tmp_path / "run",
+            NO_EVAL,
+            "--config.total_steps=100000",
+            "--config.log_every_steps=1",
+            "--config.checkpoint_every_steps=100000",
+            f"--coordinator=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+        )
         logs.append(open(tmp_path / f"process_{i}.err", "w"))
-        procs.append(subprocess.Popen([sys.executable, "-m", "pfc_jax.main", *args], stdout=subprocess.PIPE,
-                                      stderr=logs[-1], text=True, env=env(4), cwd=ROOT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "pfc_jax.main", *args],
+                stdout=subprocess.PIPE,
+                stderr=logs[-1],
+                text=True,
+                env=env(4),
+                cwd=ROOT,
+            )
+        )
     try:
         deadline = time.time() + 120
         for line in procs[0].stdout:
@@ -228,11 +255,25 @@ def test_a_slurm_step_is_detected(tmp_path):
     procs = []
     for i in range(2):
         e = env(4)
-        e.update(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
-                 SLURM_PROCID=str(i), SLURM_LOCALID=str(i), JAX_COORDINATOR_PORT=str(port))
+        e.update(
+            SLURM_JOB_ID="4242",
+            SLURM_STEP_NODELIST="localhost",
+            SLURM_NTASKS="2",
+            SLURM_PROCID=str(i),
+            SLURM_LOCALID=str(i),
+            JAX_COORDINATOR_PORT=str(port),
+        )
         args = main_args(tmp_path, NO_EVAL, "--config.total_steps=4", "--config.log_every_steps=4")
-        procs.append(subprocess.Popen([sys.executable, "-m", "pfc_jax.main", *args], stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, env=e, cwd=ROOT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "pfc_jax.main", *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=e,
+                cwd=ROOT,
+            )
+        )
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
     assert "37 classes on 8 device(s) in 2 processes" in outs[0] and "done: step 4" in outs[0]
@@ -243,21 +284,34 @@ def test_a_slurm_step_is_detected(tmp_path):
     "flags,message",
     [
         (["--process_id=1"], "--process_id=1 without --num_processes"),
-        (["--num_processes=2", "--process_id=2", "--coordinator=localhost:1234"],
-         "--process_id=2 is out of range for --num_processes=2"),
+        (
+            ["--num_processes=2", "--process_id=2", "--coordinator=localhost:1234"],
+            "--process_id=2 is out of range for --num_processes=2",
+        ),
     ],
 )
 def test_main_rejects_inconsistent_flags(tmp_path, flags, message):
-    out = subprocess.run([sys.executable, "-m", "pfc_jax.main", *main_args(tmp_path, *flags)],
-                         capture_output=True, text=True, timeout=120, env=env(1), cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "pfc_jax.main", *main_args(tmp_path, *flags)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env(1),
+        cwd=ROOT,
+    )
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "config.json").exists()
 
 
 # ---- The decision alone (pure: flags and an environment in, a plan out) -------------------
 
-SLURM = {"SLURM_JOB_ID": "17", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_NTASKS": "16",
-         "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}
+SLURM = {
+    "SLURM_JOB_ID": "17",
+    "SLURM_STEP_NODELIST": "node[01-02]",
+    "SLURM_NTASKS": "16",
+    "SLURM_PROCID": "3",
+    "SLURM_LOCALID": "3",
+}
 
 
 @pytest.mark.parametrize(
@@ -265,10 +319,16 @@ SLURM = {"SLURM_JOB_ID": "17", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_NTAS
     [
         ({}, {}, ("single", None, None, None)),
         ({"coordinator": "h:1", "num_processes": 2, "process_id": 1}, {}, ("explicit", "h:1", 2, 1)),
-        ({}, {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "0"},
-         ("explicit", "h:1", 4, 0)),
-        ({"process_id": 2}, {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "0"},
-         ("explicit", "h:1", 4, 2)),  # a flag wins over its variable
+        (
+            {},
+            {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "0"},
+            ("explicit", "h:1", 4, 0),
+        ),
+        (
+            {"process_id": 2},
+            {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "0"},
+            ("explicit", "h:1", 4, 2),
+        ),  # a flag wins over its variable
         ({"num_processes": 1}, {}, ("single", None, None, None)),
         ({}, SLURM, ("detect", None, None, None)),
         ({"coordinator": "node01:9999"}, SLURM, ("detect", "node01:9999", None, None)),

@@ -44,13 +44,15 @@ def test_sampled_rows_match_dense_update_others_unchanged(name):
 
     # Reference: the plain transform on just the kept rows.
     kept = np.asarray(index)[np.asarray(keep)]
-    ref_state_rows = jax.tree.map(lambda l, r: l[kept] if r else l, state, is_row)
+    ref_state_rows = jax.tree.map(lambda leaf, r: leaf[kept] if r else leaf, state, is_row)
     updates, ref_new_state = tx.update(grads[np.asarray(keep)], ref_state_rows, params[kept])
     np.testing.assert_allclose(new_params[kept], params[kept] + updates, rtol=1e-6, atol=1e-7)
     others = np.setdiff1d(np.arange(20), kept)
     np.testing.assert_array_equal(new_params[others], params[others])
     for leaf, ref_leaf, old_leaf, row in zip(
-        jax.tree.leaves(new_state), jax.tree.leaves(ref_new_state), jax.tree.leaves(state),
+        jax.tree.leaves(new_state),
+        jax.tree.leaves(ref_new_state),
+        jax.tree.leaves(state),
         jax.tree.leaves(is_row),
     ):
         if row:

@@ -54,9 +54,7 @@ def head_loss_and_grads(head, state, embeddings, labels, key):
     def run(state, embeddings, labels, key):
         sample = head.sample(labels, key)
         rows, _ = head.gather(state, sample)
-        (loss, metrics), grads = jax.value_and_grad(head.loss, argnums=(0, 1), has_aux=True)(
-            embeddings, rows, sample
-        )
+        (loss, metrics), grads = jax.value_and_grad(head.loss, argnums=(0, 1), has_aux=True)(embeddings, rows, sample)
         return loss, metrics, grads, sample
 
     return run(state, embeddings, labels, key)
@@ -76,15 +74,11 @@ def test_full_softmax_equals_dense_reference(num_devices, margin_name):
     margin, ref_margin = MARGINS[margin_name]
     head = make_head(num_devices, 1.0, margin)
     state, embeddings, labels = inputs(head)
-    loss, metrics, (g_emb, g_rows), sample = head_loss_and_grads(
-        head, state, embeddings, labels, jax.random.key(1)
-    )
+    loss, metrics, (g_emb, g_rows), sample = head_loss_and_grads(head, state, embeddings, labels, jax.random.key(1))
 
     centers = np.asarray(state.centers)[:NUM_CLASSES]
     ref = lambda e, w: reference.dense_loss(e, w, labels, **ref_margin)
-    ref_loss, (ref_g_emb, ref_g_centers) = jax.value_and_grad(ref, argnums=(0, 1))(
-        np.asarray(embeddings), centers
-    )
+    ref_loss, (ref_g_emb, ref_g_centers) = jax.value_and_grad(ref, argnums=(0, 1))(np.asarray(embeddings), centers)
 
     # rate 1: every real row is sampled, in order; padding rows are inactive.
     np.testing.assert_array_equal(global_classes(head, sample)[:NUM_CLASSES], np.arange(NUM_CLASSES))
@@ -105,9 +99,7 @@ def test_sampled_loss_equals_dense_reference_on_sampled_columns(num_devices, rat
     state, embeddings, labels = inputs(head, seed=3)
     if one_shard:  # every label on shard 0: at rate 0 the other shards use no column at all
         labels = labels % head.num_local
-    loss, metrics, (g_emb, g_rows), sample = head_loss_and_grads(
-        head, state, embeddings, labels, jax.random.key(7)
-    )
+    loss, metrics, (g_emb, g_rows), sample = head_loss_and_grads(head, state, embeddings, labels, jax.random.key(7))
 
     classes = global_classes(head, sample)
     used = classes[classes >= 0]
@@ -115,9 +107,7 @@ def test_sampled_loss_equals_dense_reference_on_sampled_columns(num_devices, rat
     remap = {c: i for i, c in enumerate(used)}
     ref_labels = jnp.array([remap[int(c)] for c in np.asarray(labels)])
     ref = lambda e, w: reference.dense_loss(e, w, ref_labels)
-    ref_loss, (ref_g_emb, ref_g_used) = jax.value_and_grad(ref, argnums=(0, 1))(
-        np.asarray(embeddings), centers[used]
-    )
+    ref_loss, (ref_g_emb, ref_g_used) = jax.value_and_grad(ref, argnums=(0, 1))(np.asarray(embeddings), centers[used])
 
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     np.testing.assert_allclose(g_emb, ref_g_emb, rtol=1e-5, atol=1e-6)
@@ -134,16 +124,12 @@ def test_bf16_embeddings_give_fp32_loss_close_to_fp32():
     state, embeddings, labels = inputs(head)
     key = jax.random.key(1)
     loss32, *_ = head_loss_and_grads(head, state, embeddings, labels, key)
-    loss16, _, (g_emb, _), _ = head_loss_and_grads(
-        head, state, embeddings.astype(jnp.bfloat16), labels, key
-    )
+    loss16, _, (g_emb, _), _ = head_loss_and_grads(head, state, embeddings.astype(jnp.bfloat16), labels, key)
     assert loss16.dtype == jnp.float32 and g_emb.dtype == jnp.bfloat16
     np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
 
 
-@pytest.mark.parametrize(
-    "rate,tx_name", [(0.2, "sgd"), (0.2, "adamw"), (1.0, "sgd"), (0.0, "adamw")]
-)
+@pytest.mark.parametrize("rate,tx_name", [(0.2, "sgd"), (0.2, "adamw"), (1.0, "sgd"), (0.0, "adamw")])
 def test_step_sparse_update_matches_dense_optax_on_sampled_rows(rate, tx_name):
     """Two whole head steps: the used rows (and their optimizer state) move exactly as
     a dense optax update of just those rows; every other row and its state is
@@ -168,15 +154,15 @@ def test_step_sparse_update_matches_dense_optax_on_sampled_rows(rate, tx_name):
         is_row = jax.tree.leaves(SparseRows.row_leaves(before.opt_state, before.centers.shape))
         expected_update, expected_state = tx.update(
             jnp.asarray(np.asarray(g_rows)[classes >= 0]),
-            jax.tree.map(lambda a: a[used] if a.shape == before.centers.shape else a, before.opt_state),
+            jax.tree.map(lambda a: a[used] if a.shape == before.centers.shape else a, before.opt_state),  # noqa: B023
             jnp.asarray(before.centers[used]),
         )
-        np.testing.assert_allclose(
-            after.centers[used], before.centers[used] + expected_update, rtol=1e-6, atol=1e-7
-        )
+        np.testing.assert_allclose(after.centers[used], before.centers[used] + expected_update, rtol=1e-6, atol=1e-7)
         np.testing.assert_array_equal(after.centers[untouched], before.centers[untouched])
         leaves = zip(
-            is_row, jax.tree.leaves(before.opt_state), jax.tree.leaves(after.opt_state),
+            is_row,
+            jax.tree.leaves(before.opt_state),
+            jax.tree.leaves(after.opt_state),
             jax.tree.leaves(expected_state),
         )
         assert any(is_row)

@@ -13,8 +13,13 @@ from pfc_jax.heads import sampler
 def draw(key, labels, shard, *, num_local=50, num_classes=400, rate=0.1):
     labels = jnp.asarray(labels, jnp.int32)
     fn = jax.jit(
-        lambda k, l, s: sampler.sample_shard(
-            k, l, s, num_local=num_local, num_classes=num_classes, rate=rate,
+        lambda k, labels, s: sampler.sample_shard(
+            k,
+            labels,
+            s,
+            num_local=num_local,
+            num_classes=num_classes,
+            rate=rate,
             global_batch=labels.shape[0],
         )
     )
@@ -72,7 +77,7 @@ def test_deterministic_under_key_and_different_across_keys_and_shards():
     c = draw(jax.random.key(6), labels, 2)
     d = draw(jax.random.key(5), labels, 3)
     np.testing.assert_array_equal(a.index, b.index)
-    negatives = lambda s, shard: set(s.index[s.active]) - {l - shard * 50 for l in labels}
+    negatives = lambda s, shard: set(s.index[s.active]) - {label - shard * 50 for label in labels}
     assert negatives(a, 2) != negatives(c, 2)
     assert negatives(a, 2) != negatives(d, 3)
 
@@ -80,9 +85,13 @@ def test_deterministic_under_key_and_different_across_keys_and_shards():
 def test_negatives_are_uniform():
     """Each non-positive row is picked with the same probability (chi-square test)."""
     labels = jnp.array([0, 1, 2, 3], jnp.int32)
-    fn = jax.jit(jax.vmap(lambda k: sampler.sample_shard(
-        k, labels, jnp.int32(0), num_local=40, num_classes=40, rate=0.25, global_batch=4
-    )))
+    fn = jax.jit(
+        jax.vmap(
+            lambda k: sampler.sample_shard(
+                k, labels, jnp.int32(0), num_local=40, num_classes=40, rate=0.25, global_batch=4
+            )
+        )
+    )
     s = fn(jax.random.split(jax.random.key(0), 4000))
     index, active = np.asarray(s.index), np.asarray(s.active)
     counts = np.bincount(index[active], minlength=40)

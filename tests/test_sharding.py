@@ -14,7 +14,9 @@ def test_mesh_is_one_auto_axis_over_all_devices():
     assert sharding.num_shards(sharding.make_mesh(jax.devices()[:2])) == 2
 
 
-@pytest.mark.parametrize("classes,devices,padded", [(37, 8, 40), (40, 8, 40), (1, 8, 8), (93431, 1, 93431), (93431, 8, 93432)])
+@pytest.mark.parametrize(
+    "classes,devices,padded", [(37, 8, 40), (40, 8, 40), (1, 8, 8), (93431, 1, 93431), (93431, 8, 93432)]
+)
 def test_padding(classes, devices, padded):
     assert sharding.padded_num_classes(classes, devices) == padded
     assert sharding.rows_per_shard(classes, devices) * devices == padded

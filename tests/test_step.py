@@ -1,13 +1,14 @@
 """The train step: gradient accumulation, bf16, clipping, schedules, compile once."""
 
+import pathlib
+import runpy
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pathlib
 import pytest
-import runpy
 
 from pfc_jax import optim, sharding, train
 
@@ -101,13 +102,16 @@ def test_bfloat16_step_keeps_float32_state():
 
 
 def test_clipping_bounds_the_backbone_update():
-    c = config(optimizer__clip_grad_norm=1e-3, optimizer__momentum=0.0, optimizer__weight_decay=0.0,
-               optimizer__lr=1.0, schedule__name="constant")
+    c = config(
+        optimizer__clip_grad_norm=1e-3,
+        optimizer__momentum=0.0,
+        optimizer__weight_decay=0.0,
+        optimizer__lr=1.0,
+        schedule__name="constant",
+    )
     setup, state = setup_and_state(c)
     images, labels = batch(c)
-    new, metrics = setup.trainer.jit(setup.params, setup.batch_stats)(
-        jax.tree.map(jnp.copy, state), images, labels
-    )
+    new, metrics = setup.trainer.jit(setup.params, setup.batch_stats)(jax.tree.map(jnp.copy, state), images, labels)
     delta = optax.tree.norm(jax.tree.map(lambda a, b: a - b, new.params, state.params))
     assert float(metrics["grad_norm"]) > 1e-2  # the raw gradient is much larger
     np.testing.assert_allclose(float(delta), 1e-3, rtol=1e-4)

@@ -39,20 +39,29 @@ TINY = [
 
 
 def main_cmd(workdir, *overrides):
-    return [sys.executable, "-m", "pfc_jax.main", "--config", str(ROOT / "configs" / "synthetic.py"),
-            "--workdir", str(workdir), *TINY, *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "pfc_jax.main",
+        "--config",
+        str(ROOT / "configs" / "synthetic.py"),
+        "--workdir",
+        str(workdir),
+        *TINY,
+        *overrides,
+    ]
 
 
 def env(devices):
     e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    e.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             PYTHONUNBUFFERED="1")
+    e.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     return e
 
 
 def run_main(workdir, *overrides, devices=8):
-    out = subprocess.run(main_cmd(workdir, *overrides), capture_output=True, text=True, timeout=600,
-                         env=env(devices), cwd=ROOT)
+    out = subprocess.run(
+        main_cmd(workdir, *overrides), capture_output=True, text=True, timeout=600, env=env(devices), cwd=ROOT
+    )
     return out
 
 
@@ -164,9 +173,17 @@ def test_backbone_export_loads_without_centers(runs):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     proc = subprocess.Popen(
-        main_cmd(tmp_path, "--config.total_steps=100000", "--config.log_every_steps=1",
-                 "--config.checkpoint_every_steps=100000"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(8), cwd=ROOT,
+        main_cmd(
+            tmp_path,
+            "--config.total_steps=100000",
+            "--config.log_every_steps=1",
+            "--config.checkpoint_every_steps=100000",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(8),
+        cwd=ROOT,
     )
     deadline = time.time() + 300
     for line in proc.stdout:
@@ -183,9 +200,14 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    out = run_main(tmp_path, "--config.optimizer.lr=1e30", "--config.optimizer.clip_grad_norm=0",
-                   "--config.log_every_steps=1", "--config.checkpoint_every_steps=1",
-                   "--config.schedule.warmup_epochs=0")
+    out = run_main(
+        tmp_path,
+        "--config.optimizer.lr=1e30",
+        "--config.optimizer.clip_grad_norm=0",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=1",
+        "--config.schedule.warmup_epochs=0",
+    )
     assert out.returncode == 1
     assert "non-finite training at step" in out.stderr and "is intact" in out.stderr
     bad = int(out.stderr.split("non-finite training at step ")[1].split()[0])
@@ -211,21 +233,40 @@ def test_trains_from_recordio_and_tfds_datasets(tmp_path):
 
     rec = tmp_path / "rec"
     synth.write(str(rec), identities=20, images_per_id=4, image_size=32, pairs=0, progress=False)
-    prep = subprocess.run([sys.executable, "-m", "pfc_jax.data.prepare", "--source", f"rec:{rec}",
-                           "--name", "synth_rec", "--data-dir", str(tmp_path / "tfds")],
-                          capture_output=True, text=True, env=env(1), cwd=ROOT)
+    prep = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pfc_jax.data.prepare",
+            "--source",
+            f"rec:{rec}",
+            "--name",
+            "synth_rec",
+            "--data-dir",
+            str(tmp_path / "tfds"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env(1),
+        cwd=ROOT,
+    )
     assert prep.returncode == 0, prep.stderr[-2000:]
     runs = {
         "recordio": ["--config.data.source=recordio", f"--config.data.path={rec}"],
-        "tfds": ["--config.data.source=tfds", f"--config.data.path={tmp_path / 'tfds'}",
-                 "--config.data.tfds_name=synth_rec", "--config.data.augment.blur=0.5"],
+        "tfds": [
+            "--config.data.source=tfds",
+            f"--config.data.path={tmp_path / 'tfds'}",
+            "--config.data.tfds_name=synth_rec",
+            "--config.data.augment.blur=0.5",
+        ],
     }
     for name, flags in runs.items():
-        out = run_main(tmp_path / f"run_{name}", *flags, "--config.total_steps=3", "--config.log_every_steps=1",
-                       devices=2)
+        out = run_main(
+            tmp_path / f"run_{name}", *flags, "--config.total_steps=3", "--config.log_every_steps=1", devices=2
+        )
         assert out.returncode == 0, (name, out.stderr[-3000:])
         assert "20 classes on 2 device(s)" in out.stdout and "80 images" in out.stdout
-        records = [json.loads(l) for l in (tmp_path / f"run_{name}" / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (tmp_path / f"run_{name}" / "metrics.jsonl").read_text().splitlines()]
         assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
     missing = run_main(tmp_path / "run_missing", "--config.data.source=recordio", f"--config.data.path={tmp_path}")
     assert missing.returncode == 2 and "train.rec not found" in missing.stderr

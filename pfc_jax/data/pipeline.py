@@ -10,9 +10,9 @@ cover the batch. Each example is decoded and augmented with a generator seeded f
 number of threads or worker processes.
 
 The iterator's state is the number of global batches read (identical on every process,
-whatever the number of processes) and is saved in the checkpoint: a resumed run sees exactly the batches an uninterrupted one
-would. Images stay uint8 until the device (4x less host-to-device traffic); the train
-step normalizes them to [-1, 1].
+whatever the number of processes) and is saved in the checkpoint: a resumed run sees
+exactly the batches an uninterrupted one would. Images stay uint8 until the device (4x
+less host-to-device traffic); the train step normalizes them to [-1, 1].
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def make_iterator(
     global_batch: int,
     seed: int,
     image_size: int,
-    augment: Augment = Augment(),
+    augment: Augment = Augment(),  # noqa: B008 - frozen dataclass, never mutated
     process_index: int = 0,
     process_count: int = 1,
     threads: int = 8,

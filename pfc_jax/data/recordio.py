@@ -302,8 +302,9 @@ class RecordIODataset:
         return out
 
 
-def write_dataset(directory: str, images: Sequence[bytes], labels: Sequence[int], num_classes: int,
-                  image_shape=(112, 112)) -> None:
+def write_dataset(
+    directory: str, images: Sequence[bytes], labels: Sequence[int], num_classes: int, image_shape=(112, 112)
+) -> None:
     """Writes an insightface-style folder: header record, images (keys 1..N) grouped by
     label, one record per identity, ``.idx`` and ``property``."""
     order = np.argsort(np.asarray(labels), kind="stable")

@@ -39,8 +39,7 @@ class ImageFolder:
         self.identities = identities
         paths, labels = [], []
         for label, identity in enumerate(identities):
-            files = sorted(f for f in os.listdir(os.path.join(root, identity))
-                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            files = sorted(f for f in os.listdir(os.path.join(root, identity)) if f.lower().endswith(IMAGE_EXTENSIONS))
             paths += [os.path.join(identity, f) for f in files]
             labels += [label] * len(files)
         if not paths:
@@ -107,9 +106,7 @@ class TFDSDataset:
 
     def _open(self):
         tfds = import_tfds()
-        self._source = self._builder().as_data_source(
-            split=self.split, decoders={"image": tfds.decode.SkipDecoding()}
-        )
+        self._source = self._builder().as_data_source(split=self.split, decoders={"image": tfds.decode.SkipDecoding()})
         return self._source
 
     def __len__(self) -> int:

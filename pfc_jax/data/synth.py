@@ -53,16 +53,28 @@ def verification_pairs(source: SyntheticIdentities, num_pairs: int, seed: int, q
     return bins, issame
 
 
-def held_out_identities(identities: int, images_per_id: int, image_size: int, seed: int,
-                        count: int = 100) -> SyntheticIdentities:
+def held_out_identities(
+    identities: int, images_per_id: int, image_size: int, seed: int, count: int = 100
+) -> SyntheticIdentities:
     """``count`` identities of the same synthetic world that a training set of
     ``identities`` does not contain (the verification pairs are made of them)."""
-    return SyntheticIdentities(count, max(images_per_id, 2), image_size=image_size, seed=seed,
-                               first_identity=identities)
+    return SyntheticIdentities(
+        count, max(images_per_id, 2), image_size=image_size, seed=seed, first_identity=identities
+    )
 
 
-def write(out: str, *, identities: int, images_per_id: int, image_size: int = 112, seed: int = 0,
-          pairs: int = 600, holdout_identities: int = 100, quality: int = 95, progress: bool = True) -> None:
+def write(
+    out: str,
+    *,
+    identities: int,
+    images_per_id: int,
+    image_size: int = 112,
+    seed: int = 0,
+    pairs: int = 600,
+    holdout_identities: int = 100,
+    quality: int = 95,
+    progress: bool = True,
+) -> None:
     """Writes the dataset into ``out`` atomically (a temporary folder renamed at the end)."""
     train = SyntheticIdentities(identities, images_per_id, image_size=image_size, seed=seed)
     tmp = out.rstrip("/") + ".incomplete"
@@ -101,11 +113,20 @@ def main(argv=None) -> None:
     for name in ("identities", "images_per_id", "holdout_identities"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    write(args.out, identities=args.identities, images_per_id=args.images_per_id,
-          image_size=args.image_size, seed=args.seed, pairs=args.pairs,
-          holdout_identities=args.holdout_identities, quality=args.quality)
-    print(f"wrote {args.out}: {args.identities * args.images_per_id} images of {args.identities} "
-          f"identities" + (f", {args.pairs} verification pairs" if args.pairs else ""))
+    write(
+        args.out,
+        identities=args.identities,
+        images_per_id=args.images_per_id,
+        image_size=args.image_size,
+        seed=args.seed,
+        pairs=args.pairs,
+        holdout_identities=args.holdout_identities,
+        quality=args.quality,
+    )
+    print(
+        f"wrote {args.out}: {args.identities * args.images_per_id} images of {args.identities} "
+        f"identities" + (f", {args.pairs} verification pairs" if args.pairs else "")
+    )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,10 @@ class SyntheticIdentities:
         return {"image": self.render(identity, image), "label": identity}
 
     def __repr__(self) -> str:
-        return (f"SyntheticIdentities({self.num_identities}, {self.images_per_identity}, "
-                f"image_size={self.image_size}, seed={self.seed}, first_identity={self.first_identity})")
+        return (
+            f"SyntheticIdentities({self.num_identities}, {self.images_per_identity}, "
+            f"image_size={self.image_size}, seed={self.seed}, first_identity={self.first_identity})"
+        )
 
     def labels(self) -> np.ndarray:
         return np.repeat(np.arange(self.num_identities, dtype=np.int32), self.images_per_identity)

@@ -49,10 +49,12 @@ class FaceDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"Aligned faces converted by pfc_jax from {self._face_source!r}.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=_image_shape(self._face_source), encoding_format="jpeg"),
-                "label": tfds.features.ClassLabel(num_classes=self._face_source.num_classes),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=_image_shape(self._face_source), encoding_format="jpeg"),
+                    "label": tfds.features.ClassLabel(num_classes=self._face_source.num_classes),
+                }
+            ),
             supervised_keys=("image", "label"),
         )
 

@@ -70,5 +70,14 @@ def summary_line(results: dict[str, VerificationResult]) -> str:
     )
 
 
-__all__ = ["PairFileError", "PairSet", "VerificationResult", "bin_names", "make_pair_sets", "resolve_bin",
-           "run_pair_sets", "summary_line", "synthetic_pairs"]
+__all__ = [
+    "PairFileError",
+    "PairSet",
+    "VerificationResult",
+    "bin_names",
+    "make_pair_sets",
+    "resolve_bin",
+    "run_pair_sets",
+    "summary_line",
+    "synthetic_pairs",
+]

@@ -102,15 +102,19 @@ class IJBProtocol:
         files = {k: meta / f"{t}_{k}.txt" for k in ("name_5pts_score", "face_tid_mid", "template_pair_label")}
         for f in [root / "loose_crop", *files.values()]:
             if not f.exists():
-                raise IJBError(f"{f} is missing: expected the IJB release layout ROOT/loose_crop/ and "
-                               f"ROOT/meta/{t}_{{name_5pts_score,face_tid_mid,template_pair_label}}.txt")
+                raise IJBError(
+                    f"{f} is missing: expected the IJB release layout ROOT/loose_crop/ and "
+                    f"ROOT/meta/{t}_{{name_5pts_score,face_tid_mid,template_pair_label}}.txt"
+                )
         names, points = _read_table(files["name_5pts_score"], 12)
         landmarks = points[:, :10].astype(np.float64).reshape(-1, 5, 2)
         scores = points[:, 10].astype(np.float64)
         names2, ids = _read_table(files["face_tid_mid"], 3)
         if names2 != names:
-            raise IJBError(f"{files['face_tid_mid']} and {files['name_5pts_score']} list different images "
-                           "(or in a different order)")
+            raise IJBError(
+                f"{files['face_tid_mid']} and {files['name_5pts_score']} list different images "
+                "(or in a different order)"
+            )
         _, pair_rows = _read_table(files["template_pair_label"], 3, first_is_name=False)
         pair_rows = pair_rows.astype(np.int64)
         templates, medias = ids[:, 0].astype(np.int64), ids[:, 1].astype(np.int64)
@@ -141,8 +145,15 @@ def _read_table(path: pathlib.Path, columns: int, first_is_name: bool = True):
     return names, np.asarray(rows)
 
 
-def extract_features(protocol: IJBProtocol, embed_batches: Callable, *, batch_size: int, image_size: int = 112,
-                     cache_dir: str | pathlib.Path | None = None, progress: bool = True) -> np.ndarray:
+def extract_features(
+    protocol: IJBProtocol,
+    embed_batches: Callable,
+    *,
+    batch_size: int,
+    image_size: int = 112,
+    cache_dir: str | pathlib.Path | None = None,
+    progress: bool = True,
+) -> np.ndarray:
     """Flip-summed features [N, D] of every crop, aligned; resumable through ``cache_dir``.
 
     ``embed_batches(iterable of uint8 [n, S, S, 3], flip=True)`` yields [n, D] (an
@@ -181,8 +192,12 @@ def extract_features(protocol: IJBProtocol, embed_batches: Callable, *, batch_si
 
 
 def _fingerprint(protocol: IJBProtocol) -> dict:
-    return {"root": str(protocol.root.absolute()), "images": len(protocol.images), "first": protocol.images[0],
-            "last": protocol.images[-1]}
+    return {
+        "root": str(protocol.root.absolute()),
+        "images": len(protocol.images),
+        "first": protocol.images[0],
+        "last": protocol.images[-1],
+    }
 
 
 def _load_cache(cache: pathlib.Path, protocol: IJBProtocol):
@@ -207,8 +222,9 @@ def _save_chunk(cache: pathlib.Path, index: int, feats: np.ndarray, protocol: IJ
     os.replace(info_tmp, cache / "info.json")
 
 
-def template_features(features: np.ndarray, protocol: IJBProtocol, *, detector_score: bool = True,
-                      norm_score: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def template_features(
+    features: np.ndarray, protocol: IJBProtocol, *, detector_score: bool = True, norm_score: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """``(template ids, normalized template features)`` by media-then-template pooling."""
     f = np.asarray(features, np.float64)
     if not norm_score:
@@ -235,7 +251,7 @@ def pair_scores(ids: np.ndarray, feats: np.ndarray, pairs: np.ndarray, chunk: in
     a, b = np.searchsorted(ids, pairs[:, 0]), np.searchsorted(ids, pairs[:, 1])
     out = np.empty(len(pairs))
     for s in range(0, len(pairs), chunk):
-        out[s:s + chunk] = (feats[a[s:s + chunk]] * feats[b[s:s + chunk]]).sum(axis=1)
+        out[s : s + chunk] = (feats[a[s : s + chunk]] * feats[b[s : s + chunk]]).sum(axis=1)
     return out
 
 
@@ -259,8 +275,9 @@ def tar_at_far(scores: np.ndarray, labels: np.ndarray, fars=FARS) -> dict[float,
     return out
 
 
-def evaluate(protocol: IJBProtocol, features: np.ndarray, *, detector_score: bool = True,
-             norm_score: bool = True, fars=FARS) -> dict[float, float]:
+def evaluate(
+    protocol: IJBProtocol, features: np.ndarray, *, detector_score: bool = True, norm_score: bool = True, fars=FARS
+) -> dict[float, float]:
     """TAR at each FAR from per-image features."""
     ids, feats = template_features(features, protocol, detector_score=detector_score, norm_score=norm_score)
     return tar_at_far(pair_scores(ids, feats, protocol.pairs), protocol.labels, fars)

@@ -65,8 +65,10 @@ def load_bin(path: str | pathlib.Path) -> tuple[list[bytes], np.ndarray]:
     """``(encoded images, issame bool[P])`` from an insightface ``.bin`` pair file."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise PairFileError(f"pair file {path} does not exist (insightface's datasets ship lfw.bin, "
-                            "cfp_fp.bin, agedb_30.bin next to train.rec)")
+        raise PairFileError(
+            f"pair file {path} does not exist (insightface's datasets ship lfw.bin, "
+            "cfp_fp.bin, agedb_30.bin next to train.rec)"
+        )
     try:
         with open(path, "rb") as f:
             # encoding="bytes": files pickled by Python 2 store the images as str.
@@ -148,12 +150,17 @@ class VerificationResult:
 
     def metrics(self) -> dict[str, float]:
         """The scalars logged during training."""
-        return {"accuracy": self.accuracy, "accuracy_std": self.accuracy_std, "threshold": self.threshold,
-                "val_at_far_1e-3": self.val}
+        return {
+            "accuracy": self.accuracy,
+            "accuracy_std": self.accuracy_std,
+            "threshold": self.threshold,
+            "val_at_far_1e-3": self.val,
+        }
 
 
-def evaluate_pairs(embeddings: np.ndarray, issame: np.ndarray, *, far_target: float = 1e-3,
-                   num_folds: int = NUM_FOLDS) -> VerificationResult:
+def evaluate_pairs(
+    embeddings: np.ndarray, issame: np.ndarray, *, far_target: float = 1e-3, num_folds: int = NUM_FOLDS
+) -> VerificationResult:
     """The 10-fold protocol on embeddings [2P, D] (pair i = rows 2i, 2i+1; normalized here)."""
     embeddings = np.asarray(embeddings, np.float64)
     issame = np.asarray(issame, bool)
@@ -177,9 +184,13 @@ def evaluate_pairs(embeddings: np.ndarray, issame: np.ndarray, *, far_target: fl
         vals.append(float(val[0]))
         fars.append(float(far[0]))
     return VerificationResult(
-        accuracy=float(np.mean(accs)), accuracy_std=float(np.std(accs)),
-        threshold=float(np.mean(thresholds)), val=float(np.mean(vals)), val_std=float(np.std(vals)),
-        far=float(np.mean(fars)), fold_accuracies=tuple(accs),
+        accuracy=float(np.mean(accs)),
+        accuracy_std=float(np.std(accs)),
+        threshold=float(np.mean(thresholds)),
+        val=float(np.mean(vals)),
+        val_std=float(np.std(vals)),
+        far=float(np.mean(fars)),
+        fold_accuracies=tuple(accs),
     )
 
 

@@ -34,7 +34,15 @@ import numpy as np
 from flax import nnx
 
 from pfc_jax.export.onnx import (
-    BATCH, DEFAULT_OPSET, INPUT, MIN_OPSET, NCHW, OUTPUT, ExportError, require_onnx, to_onnx,
+    BATCH,
+    DEFAULT_OPSET,
+    INPUT,
+    MIN_OPSET,
+    NCHW,
+    OUTPUT,
+    ExportError,
+    require_onnx,
+    to_onnx,
 )
 
 __all__ = ["ExportError", "ExportReport", "check_against_jax", "export", "main", "to_onnx"]
@@ -43,8 +51,9 @@ __all__ = ["ExportError", "ExportReport", "check_against_jax", "export", "main",
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 
 
-def check_against_jax(model: nnx.Module, path: str | pathlib.Path, *, image_size: int,
-                      batch_sizes=(1, 3), seed: int = 0) -> tuple[float, float]:
+def check_against_jax(
+    model: nnx.Module, path: str | pathlib.Path, *, image_size: int, batch_sizes=(1, 3), seed: int = 0
+) -> tuple[float, float]:
     """(largest |onnxruntime(path) - JAX model|, largest |JAX embedding|) over random
     uint8 images, in batches of each size."""
     import onnxruntime as ort
@@ -114,9 +123,16 @@ def _install(staged: pathlib.Path, output: pathlib.Path, external: bool) -> None
         data.unlink(missing_ok=True)  # the weights of an earlier external-data export
 
 
-def export(workdir: str | pathlib.Path, output: str | pathlib.Path, *, step: int | None = None,
-           opset: int = DEFAULT_OPSET, atol: float = 1e-4, batch_sizes=(1, 3),
-           external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> ExportReport:
+def export(
+    workdir: str | pathlib.Path,
+    output: str | pathlib.Path,
+    *,
+    step: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    atol: float = 1e-4,
+    batch_sizes=(1, 3),
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> ExportReport:
     """Exports the backbone of ``workdir``'s checkpoint ``step`` (default: latest) to
     ``output``, checked by onnxruntime against JAX within ``atol``.
 
@@ -136,10 +152,19 @@ def export(workdir: str | pathlib.Path, output: str | pathlib.Path, *, step: int
     model, meta = checkpoint.load_backbone(workdir, step)
     m = meta["model"]
     image_size = int(m["image_size"])
-    proto = to_onnx(model, image_size=image_size, opset=opset, metadata={
-        "backbone": m["name"], "step": meta["step"], "embedding_dim": m["embedding_dim"],
-        "image_size": image_size, "input_layout": "NCHW RGB", "input_normalization": "(x - 127.5) / 127.5",
-    })
+    proto = to_onnx(
+        model,
+        image_size=image_size,
+        opset=opset,
+        metadata={
+            "backbone": m["name"],
+            "step": meta["step"],
+            "embedding_dim": m["embedding_dim"],
+            "image_size": image_size,
+            "input_layout": "NCHW RGB",
+            "input_normalization": "(x - 127.5) / 127.5",
+        },
+    )
     external = sum(len(t.raw_data) for t in proto.graph.initializer) > external_data_threshold
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -147,8 +172,14 @@ def export(workdir: str | pathlib.Path, output: str | pathlib.Path, *, step: int
     try:
         path = staged / output.name
         if external:
-            onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=output.name + ".data", size_threshold=1024)
+            onnx.save_model(
+                proto,
+                str(path),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=output.name + ".data",
+                size_threshold=1024,
+            )
         else:
             onnx.save_model(proto, str(path))
         del proto
@@ -160,14 +191,24 @@ def export(workdir: str | pathlib.Path, output: str | pathlib.Path, *, step: int
         if not diff <= atol:
             raise ExportError(
                 f"onnxruntime's output differs from the JAX model by up to {diff:.3g} (max abs), more than "
-                f"the tolerance {atol:g}: the export is wrong and {output} was not written")
+                f"the tolerance {atol:g}: the export is wrong and {output} was not written"
+            )
         num_bytes = sum(f.stat().st_size for f in staged.iterdir())
         _install(staged, output, external)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     return ExportReport(
-        output, output.with_name(output.name + ".data") if external else None, m["name"], meta["step"], opset,
-        (BATCH, 3, image_size, image_size), (BATCH, m["embedding_dim"]), diff, scale, tuple(batch_sizes), num_bytes,
+        output,
+        output.with_name(output.name + ".data") if external else None,
+        m["name"],
+        meta["step"],
+        opset,
+        (BATCH, 3, image_size, image_size),
+        (BATCH, m["embedding_dim"]),
+        diff,
+        scale,
+        tuple(batch_sizes),
+        num_bytes,
         time.perf_counter() - start,
     )
 
@@ -177,10 +218,15 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", required=True, help="training workdir (holds checkpoints/)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--output", required=True, help="the .onnx file to write")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                        help=f"ONNX opset, {MIN_OPSET} or later (default {DEFAULT_OPSET})")
-    parser.add_argument("--atol", type=float, default=1e-4,
-                        help="largest accepted |onnxruntime - JAX| on the check batches (default 1e-4)")
+    parser.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET} or later (default {DEFAULT_OPSET})"
+    )
+    parser.add_argument(
+        "--atol",
+        type=float,
+        default=1e-4,
+        help="largest accepted |onnxruntime - JAX| on the check batches (default 1e-4)",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.step is not None and args.step < 0:
         parser.error("--step must be >= 0")

@@ -112,16 +112,50 @@ class _Builder:
         return self.const(np.asarray(values, np.int64))
 
 
-_BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "max": "Max", "min": "Min", "pow": "Pow",
-           "ge": "GreaterOrEqual", "gt": "Greater", "le": "LessOrEqual", "lt": "Less", "eq": "Equal",
-           "and": "And", "or": "Or", "xor": "Xor"}
-_UNARY = {"neg": "Neg", "exp": "Exp", "log": "Log", "tanh": "Tanh", "logistic": "Sigmoid", "sqrt": "Sqrt",
-          "abs": "Abs", "sign": "Sign", "floor": "Floor", "ceil": "Ceil", "erf": "Erf", "sin": "Sin",
-          "cos": "Cos", "not": "Not"}
-_REDUCE = {"reduce_sum": "ReduceSum", "reduce_max": "ReduceMax", "reduce_min": "ReduceMin",
-           "reduce_prod": "ReduceProd"}
-_PASS_THROUGH = {"copy", "copy_p", "stop_gradient", "sharding_constraint", "optimization_barrier", "pvary", "reshard",
-                 "mesh_cast"}
+_BINARY = {
+    "add": "Add",
+    "sub": "Sub",
+    "mul": "Mul",
+    "div": "Div",
+    "max": "Max",
+    "min": "Min",
+    "pow": "Pow",
+    "ge": "GreaterOrEqual",
+    "gt": "Greater",
+    "le": "LessOrEqual",
+    "lt": "Less",
+    "eq": "Equal",
+    "and": "And",
+    "or": "Or",
+    "xor": "Xor",
+}
+_UNARY = {
+    "neg": "Neg",
+    "exp": "Exp",
+    "log": "Log",
+    "tanh": "Tanh",
+    "logistic": "Sigmoid",
+    "sqrt": "Sqrt",
+    "abs": "Abs",
+    "sign": "Sign",
+    "floor": "Floor",
+    "ceil": "Ceil",
+    "erf": "Erf",
+    "sin": "Sin",
+    "cos": "Cos",
+    "not": "Not",
+}
+_REDUCE = {"reduce_sum": "ReduceSum", "reduce_max": "ReduceMax", "reduce_min": "ReduceMin", "reduce_prod": "ReduceProd"}
+_PASS_THROUGH = {
+    "copy",
+    "copy_p",
+    "stop_gradient",
+    "sharding_constraint",
+    "optimization_barrier",
+    "pvary",
+    "reshard",
+    "mesh_cast",
+}
 _CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")  # params holding the body of call-like primitives
 
 
@@ -190,8 +224,11 @@ class _Translator:
         perm = next((x.perm for x in xs if isinstance(x, _Tensor) and len(x.perm) == rank), tuple(range(rank)))
         names, shapes = [], []
         for x in xs:  # rank 0 or the output's rank
-            name, shape = self._layout(x, perm) if np.ndim(x) == rank or len(getattr(x, "perm", ())) == rank \
+            name, shape = (
+                self._layout(x, perm)
+                if np.ndim(x) == rank or len(getattr(x, "perm", ())) == rank
                 else (self.b.const(x) if isinstance(x, np.ndarray) else x.name, ())
+            )
             names.append(name)
             shapes.append(tuple(shape))
         out = []
@@ -326,14 +363,20 @@ class _Translator:
             raise ExportError("select_n with more than two cases is not supported")
         false, true = cases
         # where(x >= 0, x, alpha * x), the way the backbones write PReLU, as ONNX's PRelu.
-        if (isinstance(pred, _Tensor) and isinstance(false, _Tensor) and pred.origin[:1] == ("positive",)
-                and pred.origin[1] is true and false.origin[:2] == ("scale", true)
-                and false.origin[2].ndim in (0, len(true.perm))):
+        if (
+            isinstance(pred, _Tensor)
+            and isinstance(false, _Tensor)
+            and pred.origin[:1] == ("positive",)
+            and pred.origin[1] is true
+            and false.origin[:2] == ("scale", true)
+            and false.origin[2].ndim in (0, len(true.perm))
+        ):
             slope, _ = self._layout(false.origin[2], true.perm)
             return _Tensor(self.b.node("PRelu", [true.name, slope]), true.perm, true.shape)
         if eqn.invars[0].aval.dtype != np.bool_:
-            pred = self._unary("Cast", pred, to=_onnx_dtype(np.bool_)) if isinstance(pred, _Tensor) \
-                else pred.astype(bool)
+            pred = (
+                self._unary("Cast", pred, to=_onnx_dtype(np.bool_)) if isinstance(pred, _Tensor) else pred.astype(bool)
+            )
         return self._elementwise("Where", [pred, true, false], out)
 
     def _p_broadcast_in_dim(self, eqn, ins, out):
@@ -347,8 +390,9 @@ class _Translator:
         name, shape = self._layout(x, tuple(range(len(x.perm))))
         if new_axes:
             name = self.b.node("Unsqueeze", [name, self.b.ints(new_axes)])
-        return _Tensor(name, tuple(range(out.ndim)),
-                       tuple(shape[dims.index(j)] if j in dims else 1 for j in range(out.ndim)))
+        return _Tensor(
+            name, tuple(range(out.ndim)), tuple(shape[dims.index(j)] if j in dims else 1 for j in range(out.ndim))
+        )
 
     def _p_reshape(self, eqn, ins, out):
         if eqn.params.get("dimensions") not in (None, ()):
@@ -378,7 +422,8 @@ class _Translator:
         w_aval = eqn.invars[1].aval
         w = self._full(ins[1], w_aval, dn.rhs_spec)
         y = self.b.node(
-            "Conv", [x, w],
+            "Conv",
+            [x, w],
             kernel_shape=[w_aval.shape[a] for a in dn.rhs_spec[2:]],
             strides=list(p["window_strides"]),
             pads=[lo for lo, _ in p["padding"]] + [hi for _, hi in p["padding"]],
@@ -419,8 +464,13 @@ class _Translator:
         x = self._full(ins[0], aval)
         axes = list(range(aval.ndim))
         steps = list(p["strides"] or [1] * aval.ndim)
-        args = [x, self.b.ints(p["start_indices"]), self._shape(p["limit_indices"]), self.b.ints(axes),
-                self.b.ints(steps)]
+        args = [
+            x,
+            self.b.ints(p["start_indices"]),
+            self._shape(p["limit_indices"]),
+            self.b.ints(axes),
+            self.b.ints(steps),
+        ]
         return self._new(self.b.node("Slice", args), out)
 
     def _p_rev(self, eqn, ins, out):
@@ -452,8 +502,9 @@ class _Translator:
         if not isinstance(indices, np.ndarray) or dn.operand_batching_dims:
             raise ExportError("gather with computed indices is not supported (constant indexing is)")
         mapped, collapsed = tuple(dn.start_index_map), tuple(dn.collapsed_slice_dims)
-        passing = [a for a in range(aval.ndim)
-                   if a not in mapped and a not in collapsed and _same_dim(sizes[a], aval.shape[a])]
+        passing = [
+            a for a in range(aval.ndim) if a not in mapped and a not in collapsed and _same_dim(sizes[a], aval.shape[a])
+        ]
         gathered = [a for a in range(aval.ndim) if a not in passing]
         if not gathered or not all(_static(aval.shape[a]) for a in gathered):
             raise ExportError("gather along the batch dimension is not supported")
@@ -492,7 +543,7 @@ def to_onnx(model: nnx.Module, *, image_size: int, opset: int = DEFAULT_OPSET, m
 
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ExportError(f"opset {opset} is outside the supported {MIN_OPSET}..{onnx.defs.onnx_opset_version()}")
-    batch, = jax_export.symbolic_shape(BATCH)
+    (batch,) = jax_export.symbolic_shape(BATCH)
     spec = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
     try:
         closed = jax.make_jaxpr(lambda x: model(x, train=False))(spec)
@@ -505,7 +556,7 @@ def to_onnx(model: nnx.Module, *, image_size: int, opset: int = DEFAULT_OPSET, m
     builder = _Builder()
     translator = _Translator(builder, opset, batch, INPUT)
     x = _Tensor(INPUT, NCHW, (batch, 3, image_size, image_size))
-    result, = translator.run(closed.jaxpr, closed.consts, [x])
+    (result,) = translator.run(closed.jaxpr, closed.consts, [x])
     if np.dtype(out_aval.dtype) != np.float32:  # e.g. a bfloat16 backbone: the output stays float32
         if isinstance(result, _Tensor):
             result = translator._unary("Cast", result, to=onnx.TensorProto.FLOAT)
@@ -534,9 +585,12 @@ def to_onnx(model: nnx.Module, *, image_size: int, opset: int = DEFAULT_OPSET, m
         initializer=[t for n, t in builder.initializers.items() if n in needed],
     )
     opsets = [helper.make_opsetid("", opset)]
-    proto = helper.make_model(graph, opset_imports=opsets, producer_name="pfc_jax",
-                              ir_version=helper.find_min_ir_version_for(opsets))
-    proto.doc_string = ("Face embedding backbone. Input: float32 [N, 3, H, W], RGB, (pixel - 127.5) / 127.5. "
-                        "Output: float32 [N, D] embeddings, not L2-normalized.")
+    proto = helper.make_model(
+        graph, opset_imports=opsets, producer_name="pfc_jax", ir_version=helper.find_min_ir_version_for(opsets)
+    )
+    proto.doc_string = (
+        "Face embedding backbone. Input: float32 [N, 3, H, W], RGB, (pixel - 127.5) / 127.5. "
+        "Output: float32 [N, D] embeddings, not L2-normalized."
+    )
     helper.set_model_props(proto, {k: str(v) for k, v in (metadata or {}).items()})
     return proto

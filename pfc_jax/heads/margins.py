@@ -68,9 +68,7 @@ class CombinedMargin:
         if not 0.0 <= self.m3 <= 2.0:
             raise ValueError(f"margin m3 must be in [0, 2], got {self.m3}")
         if self.gradient not in _GRADIENT_MODES:
-            raise ValueError(
-                f"margin gradient must be one of {_GRADIENT_MODES}, got {self.gradient!r}"
-            )
+            raise ValueError(f"margin gradient must be one of {_GRADIENT_MODES}, got {self.gradient!r}")
         if not 0.0 <= self.interclass_filtering_threshold < 1.0:
             raise ValueError(
                 "interclass_filtering_threshold must be in [0, 1) (0 disables it), "

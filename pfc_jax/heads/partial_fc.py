@@ -25,7 +25,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from pfc_jax import sharding
 from pfc_jax.heads import sampler
@@ -93,9 +94,7 @@ class PartialFC:
         if self.embedding_dim < 1:
             raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
         if not 0.0 <= self.sample_rate <= 1.0:
-            raise ValueError(
-                f"sample_rate must be in [0, 1] (1 = full softmax), got {self.sample_rate}"
-            )
+            raise ValueError(f"sample_rate must be in [0, 1] (1 = full softmax), got {self.sample_rate}")
         if tuple(self.mesh.axis_names) != (_AXIS,):
             raise ValueError(
                 f"PartialFC needs the 1-D mesh from pfc_jax.sharding.make_mesh "
@@ -186,9 +185,7 @@ class PartialFC:
             )
             return Sample(*s)
 
-        return self._shard_map(per_shard, (_SPLIT, P()), Sample(_SPLIT, _SPLIT, _SPLIT))(
-            labels, key
-        )
+        return self._shard_map(per_shard, (_SPLIT, P()), Sample(_SPLIT, _SPLIT, _SPLIT))(labels, key)
 
     def gather(self, state: HeadState, sample: Sample):
         """The sampled rows of the centers and of their per-row optimizer state."""
@@ -221,7 +218,9 @@ class PartialFC:
             x = _l2_normalize(x).astype(dtype)
             w = _l2_normalize(rows.astype(jnp.float32)).astype(dtype)
             cos = jnp.einsum(
-                "bd,nd->bn", x, w,
+                "bd,nd->bn",
+                x,
+                w,
                 preferred_element_type=jnp.float32,
                 precision=jax.lax.Precision.HIGHEST,
             )
@@ -301,9 +300,9 @@ class PartialFC:
         """
         sample = self.sample(labels, key)
         rows, state_rows = self.gather(state, sample)
-        (loss, metrics), (grad_embeddings, grad_rows) = jax.value_and_grad(
-            self.loss, argnums=(0, 1), has_aux=True
-        )(embeddings, rows, sample)
+        (loss, metrics), (grad_embeddings, grad_rows) = jax.value_and_grad(self.loss, argnums=(0, 1), has_aux=True)(
+            embeddings, rows, sample
+        )
         state = self.apply_gradients(state, sample, rows, state_rows, grad_rows)
         return state, grad_embeddings, {"loss": loss, **metrics}
 

@@ -16,8 +16,8 @@ whole global batch. Everything has a static shape so the step compiles once:
 Negatives are a uniform random subset of the shard's non-positive rows: every row gets
 a random 29-bit score, positives get a score above any random one, padding rows one
 below, and the top ``num_sample`` are kept. Scores are float32 because XLA's fast
-``top_k`` paths are for floats (on CPU an int32 ``top_k`` over 1M rows is ~20x slower). The key is folded with the shard index, so
-shards draw different negatives; callers fold the step into the key.
+``top_k`` paths are for floats (on CPU an int32 ``top_k`` over 1M rows is ~20x slower).
+The key is folded with the shard index, so shards draw different negatives; callers fold the step into the key.
 """
 
 from __future__ import annotations
