@@ -27,12 +27,14 @@ import importlib.util
 import os
 from collections.abc import Mapping
 
+from pfc_jax.errors import InputError
+
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"  # also read by jax.distributed itself
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 
 
-class DistributedError(ValueError):
+class DistributedError(InputError):
     """Inconsistent multi-process settings; the message names the flag and the fix."""
 
 

@@ -19,22 +19,23 @@ images.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import pathlib
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from pfc_jax import cli
+from pfc_jax.errors import InputError
 from pfc_jax.progress import Progress
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-class EmbedError(ValueError):
+class EmbedError(InputError):
     """A missing, unreadable or wrongly sized input; the message names the file."""
 
 
@@ -77,54 +78,13 @@ def read_image(path: str | pathlib.Path, size: int) -> np.ndarray:
     return image
 
 
-class OnnxEmbedder:
-    """An exported backbone run by onnxruntime; the interface of :class:`~pfc_jax.inference.Embedder`."""
-
-    def __init__(self, path: str | pathlib.Path, batch_size: int = 64):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise EmbedError("onnxruntime is not installed: pip install 'pfc_jax[onnx]'") from None
-
-        if not pathlib.Path(path).is_file():
-            raise EmbedError(f"--onnx {path}: no such file")
-        available = ort.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise EmbedError(f"cannot load {path} with onnxruntime: {e}") from None
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        shape = inputs[0].shape
-        if len(inputs) != 1 or len(outputs) != 1 or len(shape) != 4 or shape[1] != 3:
-            raise EmbedError(
-                f"{path} is not a face embedding model: expected one input [N, 3, S, S] "
-                f"and one output, got inputs {[(i.name, i.shape) for i in inputs]}"
-            )
-        self.input_name, self.output_name = inputs[0].name, outputs[0].name
-        self.image_size = shape[2] if isinstance(shape[2], int) else None
-        self.batch_size = batch_size
-
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x)})[0]
-
-    def embed_batches(self, batches: Iterable[np.ndarray], *, flip: bool = False) -> Iterator[np.ndarray]:
-        """Embeds each uint8 [n, S, S, 3] chunk, yielding float32 [n, D]."""
-        for images in batches:
-            x = ((np.asarray(images, np.float32) - 127.5) / 127.5).transpose(0, 3, 1, 2)
-            out = self._run(x)
-            if flip:
-                out = out + self._run(x[..., ::-1])
-            yield out.astype(np.float32)
-
-
 def load_embedder(
     *, onnx: str | None = None, workdir: str | None = None, step: int | None = None, batch_size: int = 64
 ):
-    """An :class:`OnnxEmbedder` or, for a workdir, an :class:`~pfc_jax.inference.Embedder`."""
+    """An :class:`~pfc_jax.inference.OnnxEmbedder` or, for a workdir, an :class:`~pfc_jax.inference.Embedder`."""
     if onnx is not None:
+        from pfc_jax.inference.onnx import OnnxEmbedder
+
         return OnnxEmbedder(onnx, batch_size)
     from pfc_jax.inference import Embedder
 
@@ -174,68 +134,58 @@ def _replace(path: pathlib.Path, write) -> None:
 
 def _parse(argv):
     compare = bool(argv) and argv[0] == "compare"
-    parser = argparse.ArgumentParser(
-        prog="python -m pfc_jax.embed" + (" compare" if compare else ""),
-        description="cosine similarity of two aligned face images" if compare else __doc__.splitlines()[0],
-        epilog=None
-        if compare
-        else "python -m pfc_jax.embed compare A.jpg B.jpg (--onnx M | --workdir DIR) "
-        "prints the cosine similarity of two images",
-    )
     if compare:
+        parser = cli.parser("pfc_jax.embed compare", "cosine similarity of two aligned face images")
         parser.add_argument("image_a")
         parser.add_argument("image_b")
+    else:
+        parser = cli.parser("pfc_jax.embed", __doc__)
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--onnx", help="an exported model (python -m pfc_jax.export)")
-    model.add_argument("--workdir", help="a training workdir (its checkpoint's backbone, run by JAX)")
-    parser.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step (default: latest)")
+    cli.add_workdir(model, required=False, help="a training workdir (its checkpoint's backbone, run by JAX)")
+    cli.add_step(parser)
     parser.add_argument("--flip", action="store_true", help="add the embedding of the mirrored image")
     if not compare:
         parser.add_argument("--images", required=True, help="a folder of images, or a text file of image paths")
         parser.add_argument(
             "--out", required=True, help="the .npy file to write; the image paths go beside it in <name>.paths.txt"
         )
-        parser.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
+        parser.add_argument("--batch-size", type=cli.positive_int, default=64, help="images per forward (default 64)")
     args = parser.parse_args(argv[1:] if compare else argv)
     args.command = "compare" if compare else "embed"
     if args.step is not None and args.onnx:
         parser.error("--step goes with --workdir")
-    if not compare and args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
     return args
 
 
-def main(argv=None) -> None:
-    args = _parse(sys.argv[1:] if argv is None else argv)
-    errors = (EmbedError,)
-    if args.workdir:  # only then: the checkpoint module brings in JAX and Orbax
-        from pfc_jax.checkpoint import CheckpointError
+def _compare(args) -> None:
+    for image in (args.image_a, args.image_b):  # before the (slower) model load
+        if not pathlib.Path(image).is_file():
+            raise EmbedError(f"{image}: no such file")
+    embedder = load_embedder(onnx=args.onnx, workdir=args.workdir, step=args.step, batch_size=2)
+    size = embedder.image_size or 112
+    pair = np.stack([read_image(args.image_a, size), read_image(args.image_b, size)])
+    a, b = next(iter(embedder.embed_batches([pair], flip=args.flip)))
+    print(f"{cosine(a, b):.6f}")
 
-        errors = (EmbedError, CheckpointError)
-    try:
-        if args.command == "compare":
-            for image in (args.image_a, args.image_b):  # before the (slower) model load
-                if not pathlib.Path(image).is_file():
-                    raise EmbedError(f"{image}: no such file")
-            embedder = load_embedder(onnx=args.onnx, workdir=args.workdir, step=args.step, batch_size=2)
-            size = embedder.image_size or 112
-            pair = np.stack([read_image(args.image_a, size), read_image(args.image_b, size)])
-            a, b = next(iter(embedder.embed_batches([pair], flip=args.flip)))
-            print(f"{cosine(a, b):.6f}")
-            return
-        out = pathlib.Path(args.out)
-        listing = out.with_suffix(".paths.txt")
-        if pathlib.Path(args.images).resolve() == listing.resolve():
-            raise EmbedError(f"--out {out} would overwrite the image list {listing}; choose another name")
-        paths = find_images(args.images)
-        embedder = load_embedder(onnx=args.onnx, workdir=args.workdir, step=args.step, batch_size=args.batch_size)
-        feats = embed_images(embedder, paths, flip=args.flip, batch_size=args.batch_size)
-    except errors as e:
-        raise SystemExit(f"error: {e}") from None
+
+def _embed(args) -> None:
+    out = pathlib.Path(args.out)
+    listing = out.with_suffix(".paths.txt")
+    if pathlib.Path(args.images).resolve() == listing.resolve():
+        raise EmbedError(f"--out {out} would overwrite the image list {listing} (choose another name)")
+    paths = find_images(args.images)
+    embedder = load_embedder(onnx=args.onnx, workdir=args.workdir, step=args.step, batch_size=args.batch_size)
+    feats = embed_images(embedder, paths, flip=args.flip, batch_size=args.batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     _replace(out, lambda f: np.save(f, feats))
     _replace(listing, lambda f: f.write("".join(f"{p}\n" for p in paths).encode()))
     print(f"wrote {feats.shape[0]} x {feats.shape[1]} embeddings to {out} (image paths in {listing})")
+
+
+def main(argv=None) -> None:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    cli.guard(lambda: (_compare if args.command == "compare" else _embed)(args))
 
 
 if __name__ == "__main__":

@@ -12,38 +12,44 @@ class centers. Prints a table; ``--json`` prints one JSON object instead.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
-import sys
+
+from pfc_jax import cli
+from pfc_jax.errors import InputError
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pfc_jax.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", required=True, help="a pfc_jax training workdir (its checkpoints/)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+def _parser():
+    p = cli.parser("pfc_jax.evaluate", __doc__)
+    cli.add_workdir(p)
+    cli.add_step(p)
     p.add_argument(
         "--bin",
         nargs="+",
         default=[],
-        metavar="FILE",
-        help="insightface .bin pair files (lfw.bin, cfp_fp.bin, agedb_30.bin, ...) or 'synthetic'",
+        metavar="NAME",
+        help="pair sets, named as in config.eval.bins: a name (lfw, cfp_fp, agedb_30: <eval.dir or "
+        "data.path of the run>/<name>.bin), a path ending in .bin, or 'synthetic'",
     )
     p.add_argument("--ijb", default=None, metavar="DIR", help="IJB release root (loose_crop/, meta/)")
     p.add_argument("--ijb-target", choices=("IJBB", "IJBC"), default="IJBC")
     p.add_argument("--no-detector-score", action="store_true", help="IJB: don't weight features by detection score")
     p.add_argument("--cache-dir", default=None, help="IJB: keep extracted features here; a rerun resumes")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward over all devices")
+    p.add_argument("--batch-size", type=cli.positive_int, default=256, help="images per forward over all devices")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
 
-def _workdir_config(workdir: pathlib.Path):
+def _workdir_config(workdir: pathlib.Path, names: list[str]):
+    """The run's config (config.json), needed to resolve names and 'synthetic'."""
     import ml_collections
 
     path = workdir / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: '--bin synthetic' needs the run's config")
+        raise InputError(
+            f"{path} is missing: --bin {' '.join(names)} is resolved with the run's config "
+            "(give paths ending in .bin instead)"
+        )
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
@@ -53,24 +59,20 @@ def run(args) -> dict:
     from pfc_jax.inference import Embedder
 
     if not args.bin and not args.ijb:
-        raise ValueError("nothing to evaluate: give --bin FILE... and/or --ijb DIR")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise InputError("nothing to evaluate (give --bin NAME... and/or --ijb DIR)")
     workdir = pathlib.Path(args.workdir)
     protocol = ijb.IJBProtocol.load(args.ijb, args.ijb_target) if args.ijb else None  # fail before loading
     embedder = Embedder.from_workdir(workdir, args.step, batch_size=args.batch_size)
-    size = embedder.image_size
     sets = []
-    for name in args.bin:
-        if name == evaluation.SYNTHETIC:
-            config = _workdir_config(workdir)
-            sets.append(evaluation.synthetic_pairs(config))
-        else:
-            sets.append(evaluation.PairSet.load(name, size))
+    if args.bin:
+        # Names resolve exactly as config.eval.bins does in training; paths need no config.
+        needs_config = any(evaluation.needs_config(name) for name in args.bin)
+        config = _workdir_config(workdir, args.bin) if needs_config else None
+        sets = evaluation.make_pair_sets(config, args.bin, image_size=embedder.image_size)
     out = {
         "workdir": str(workdir.absolute()),
-        "step": embedder.meta["step"],
-        "model": embedder.meta["model"],
+        "step": embedder.step,
+        "model": embedder.spec.to_dict(),
         "bins": {},
     }
     for s in sets:
@@ -80,7 +82,7 @@ def run(args) -> dict:
             protocol,
             embedder.embed_batches,
             batch_size=embedder.batch_size,
-            image_size=size,
+            image_size=embedder.image_size,
             cache_dir=args.cache_dir,
             progress=not args.json,
         )
@@ -114,18 +116,13 @@ def format_table(out: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    args = _parser().parse_args(argv)
-    from pfc_jax.checkpoint import CheckpointError
-    from pfc_jax.evaluation import PairFileError
-    from pfc_jax.evaluation.ijb import IJBError
-
-    try:
-        out = run(args)
-    except (CheckpointError, PairFileError, IJBError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def _print(args) -> None:
+    out = run(args)
     print(json.dumps(out) if args.json else format_table(out))
+
+
+def main(argv=None) -> None:
+    cli.run(_print, _parser(), argv)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ on a file system every process sees. This file only parses flags; the loop is
 :func:`pfc_jax.train.train_and_evaluate`.
 """
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from pfc_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -44,34 +44,24 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # the flags parser refuses positional arguments
     if not flags.FLAGS["verbosity"].present:
         # Orbax logs every checkpoint detail at INFO; --verbosity=0 brings it back.
         logging.set_verbosity(logging.WARNING)
-    from pfc_jax import distributed
 
-    # Before anything touches a device: the backend is built for all processes at once.
-    try:
+    def body():
+        from pfc_jax import distributed
+
+        # Before anything touches a device: the backend is built for all processes at once.
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    except distributed.DistributedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    # Imported here so that --help and flag errors don't pay for importing JAX.
-    from pfc_jax import checkpoint, train
-    from pfc_jax.config_validation import ConfigError
-    from pfc_jax.data.recordio import RecordIOError
-    from pfc_jax.data.sources import SourceError
+        # Imported here so that --help and flag errors don't pay for importing JAX.
+        from pfc_jax import train
 
-    try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, checkpoint.CheckpointError, SourceError, RecordIOError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except train.TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+
+    cli.guard(body)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    # The config file loads lazily; reading it whole makes a broken one fail while parsing.
+    app.run(main, flags_parser=cli.absl_flags_parser(lambda: _CONFIG.value.to_dict()))

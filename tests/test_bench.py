@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -51,7 +52,7 @@ def test_head_json_on_fake_devices():
 def test_head_text_output():
     out = run_bench("head", "--classes", "100", "--batch", "8", "--dim", "8", "--steps", "2")
     assert out.returncode == 0, out.stderr
-    assert "ms/step: median" in out.stdout and "sampled per shard" in out.stdout
+    assert "sampled per shard" in out.stdout and re.search(r"ms/step +median", out.stdout)
 
 
 @pytest.mark.parametrize(
@@ -59,12 +60,12 @@ def test_head_text_output():
     [
         (["--rate", "1.5"], "--rate must be in [0, 1]"),
         (["--batch", "30", "--devices", "4"], "must be a multiple of --devices 4"),
-        (["--devices", "0"], "--devices must be >= 1"),
+        (["--devices", "0"], "argument --devices: must be >= 1"),
     ],
 )
 def test_head_bad_arguments(args, message):
     out = run_bench("head", "--classes", "100", "--dim", "8", "--steps", "1", *args)
-    assert out.returncode != 0
+    assert out.returncode == 2 and "Traceback" not in out.stderr
     assert message in out.stderr
 
 

@@ -163,7 +163,7 @@ def test_label_out_of_range_and_bad_property(synth_dir, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "pfc_jax.data.recordio", "check", str(d)], capture_output=True, text=True
     )
-    assert out.returncode == 1 and "property is missing" in out.stderr
+    assert out.returncode == 2 and "property is missing" in out.stderr
 
 
 # ---- synthetic writer ----------------------------------------------------------------------

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -363,6 +364,14 @@ def test_evaluate_cli_on_bin_files_matches_training(trained, tmp_path, capsys):
     assert in_memory["accuracy"] == pytest.approx(during["eval/synthetic/accuracy"], abs=1e-6)
     code, stdout, _ = _evaluate(capsys, "--workdir", str(workdir), "--bin", "synthetic")
     assert code == 0 and "synthetic" in stdout and "VAL@FAR=1e-3" in stdout
+    # A bare name resolves as config.eval.bins does: <eval.dir or data.path>/<name>.bin.
+    named = shutil.copytree(workdir, tmp_path / "named")
+    config = json.loads((named / "config.json").read_text())
+    config["eval"]["dir"] = str(tmp_path / "ds")
+    (named / "config.json").write_text(json.dumps(config))
+    code, stdout, stderr = _evaluate(capsys, "--workdir", str(named), "--bin", "synth_val", "--json")
+    assert code == 0, stderr[-3000:]
+    assert json.loads(stdout)["bins"]["synth_val"]["accuracy"] == pytest.approx(from_file["accuracy"], abs=1e-12)
 
 
 def test_evaluate_cli_on_ijb_resumes_from_its_cache(trained, tmp_path, capsys):
@@ -402,6 +411,7 @@ def test_evaluate_cli_errors(trained, tmp_path, capsys):
         (["--workdir", str(workdir)], "nothing to evaluate"),
         (["--workdir", str(workdir), "--step", "7", "--bin", "synthetic"], "no checkpoint for step 7"),
         (["--workdir", str(workdir), "--bin", str(tmp_path / "lfw.bin")], "lfw.bin does not exist"),
+        (["--workdir", str(workdir), "--bin", "lfw"], "lfw.bin does not exist"),  # <data.path>/lfw.bin
         (["--workdir", str(workdir), "--ijb", str(tmp_path)], "loose_crop is missing"),
     ]:
         code, _, stderr = _evaluate(capsys, *args)

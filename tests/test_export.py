@@ -24,6 +24,7 @@ from PIL import Image
 from pfc_jax import checkpoint, embed, export, models
 from pfc_jax.heads.partial_fc import HeadState
 from pfc_jax.step import TrainState
+from tests.cli_helpers import exits_with
 
 ROOT = pathlib.Path(__file__).parents[1]
 SIZE, DIM = 32, 16
@@ -62,7 +63,7 @@ def make_workdir(path: pathlib.Path, name: str, step: int = 7, seed: int = 0) ->
 
 
 def jax_embeddings(workdir, x_nhwc):
-    model, _ = checkpoint.load_backbone(workdir)
+    model, _, _ = checkpoint.load_backbone(workdir)
     with jax.default_matmul_precision("highest"):
         return np.asarray(model(jnp.asarray(x_nhwc), train=False))
 
@@ -126,7 +127,7 @@ def test_cli_exports_a_chosen_step_and_prints_a_summary(exported, tmp_path, caps
     assert onnx.load(str(tmp_path / "m.onnx")).opset_import[0].version == 13
 
 
-def test_missing_or_incomplete_workdir_fails_clearly(exported, tmp_path):
+def test_missing_or_incomplete_workdir_fails_clearly(exported, tmp_path, capsys):
     out = subprocess.run(
         [
             sys.executable,
@@ -143,16 +144,16 @@ def test_missing_or_incomplete_workdir_fails_clearly(exported, tmp_path):
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
         timeout=300,
     )
-    assert out.returncode == 1 and "no checkpoints/ directory" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "no checkpoints/ directory" in out.stderr and "Traceback" not in out.stderr
     incomplete = tmp_path / "incomplete"
     (incomplete / "checkpoints" / "5.orbax-checkpoint-tmp-1700000000").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="no complete checkpoint"):
+    with exits_with(capsys, "no complete checkpoint"):
         export.main(["--workdir", str(incomplete), "--output", str(tmp_path / "m.onnx")])
     damaged = shutil.copytree(exported["mlp"][0], tmp_path / "damaged")
     shutil.rmtree(damaged / "checkpoints" / "7" / "backbone")
-    with pytest.raises(SystemExit, match=r"cannot read the backbone of checkpoint step 7 in .*damaged.*backbone"):
+    with exits_with(capsys, r"cannot read the backbone of checkpoint step 7 in .*damaged.*backbone"):
         export.main(["--workdir", str(damaged), "--output", str(tmp_path / "m.onnx")])
-    with pytest.raises(SystemExit, match=r"no checkpoint for step 3 .* available: \[7\]"):
+    with exits_with(capsys, r"no checkpoint for step 3 .* available: \[7\]"):
         export.main(["--workdir", str(exported["mlp"][0]), "--step", "3", "--output", str(tmp_path / "m.onnx")])
     assert not (tmp_path / "m.onnx").exists()
 
@@ -273,28 +274,28 @@ def test_embed_cli_onnx_equals_workdir(exported, tmp_path, capsys):
     assert float(capsys.readouterr().out) == pytest.approx(cos, abs=1e-5)
 
 
-def test_embed_errors_name_the_file(exported, tmp_path):
+def test_embed_errors_name_the_file(exported, tmp_path, capsys):
     onnx_path = str(exported["mlp"][1])
     run = lambda images: embed.main(["--onnx", onnx_path, "--images", str(images), "--out", str(tmp_path / "f.npy")])
     faces = tmp_path / "faces"
     paths = write_faces(faces, 2)
     Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(faces / "big.png")
-    with pytest.raises(SystemExit, match=r"big.png is 30x40; the model takes aligned 32x32 faces"):
+    with exits_with(capsys, r"big.png is 30x40; the model takes aligned 32x32 faces"):
         run(faces)
     (faces / "big.png").unlink()
     (faces / "broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(SystemExit, match=r"cannot decode .*broken.jpg"):
+    with exits_with(capsys, r"cannot decode .*broken.jpg"):
         run(faces)
     (tmp_path / "list.txt").write_text(f"{paths[0]}\nfaces/gone.png\n")
-    with pytest.raises(SystemExit, match=r"list.txt lists 1 missing file\(s\), the first: .*faces/gone.png"):
+    with exits_with(capsys, r"list.txt lists 1 missing file\(s\), the first: .*faces/gone.png"):
         run(tmp_path / "list.txt")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="no .jpg, .jpeg, .png images under"):
+    with exits_with(capsys, "no .jpg, .jpeg, .png images under"):
         run(tmp_path / "empty")
-    with pytest.raises(SystemExit, match="no such folder or list file"):
+    with exits_with(capsys, "no such folder or list file"):
         run(tmp_path / "nowhere")
-    with pytest.raises(SystemExit, match="--onnx .*missing.onnx: no such file"):
+    with exits_with(capsys, "--onnx .*missing.onnx: no such file"):
         embed.main(["--onnx", str(tmp_path / "missing.onnx"), "--images", str(faces), "--out", str(tmp_path / "f.npy")])
-    with pytest.raises(SystemExit, match="gone.jpg: no such file"):
+    with exits_with(capsys, "gone.jpg: no such file"):
         embed.main(["compare", str(paths[0]), str(tmp_path / "gone.jpg"), "--onnx", onnx_path])
     assert not (tmp_path / "f.npy").exists()

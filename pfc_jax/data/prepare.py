@@ -9,10 +9,8 @@ Train on the result with ``--config.data.source=tfds --config.data.path=/data/tf
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-from pfc_jax.data.recordio import RecordIODataset, RecordIOError
+from pfc_jax import cli
+from pfc_jax.data.recordio import RecordIODataset
 from pfc_jax.data.sources import ImageFolder, SourceError, import_tfds
 
 
@@ -22,25 +20,28 @@ def open_source(spec: str):
         return RecordIODataset(path)
     if kind == "folder" and path:
         return ImageFolder(path)
-    raise SourceError(f"--source must be rec:DIR or folder:DIR, got {spec!r}")
+    raise SourceError(f"--source {spec!r} is not a source (give rec:DIR or folder:DIR)")
+
+
+def _parser():
+    p = cli.parser("pfc_jax.data.prepare", __doc__)
+    p.add_argument("--source", required=True, help="rec:DIR (insightface RecordIO) or folder:DIR")
+    p.add_argument("--name", required=True, help="dataset name, lower_snake_case")
+    p.add_argument("--data-dir", required=True, help="TFDS data directory to write into")
+    return p
+
+
+def _prepare(args) -> None:
+    source = open_source(args.source)
+    import_tfds()
+    from pfc_jax.data import tfds_builder
+
+    path = tfds_builder.build(source, args.name, args.data_dir)
+    print(f"built {path}: {len(source)} images, {source.num_classes} classes")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pfc_jax.data.prepare", description=__doc__.splitlines()[0])
-    parser.add_argument("--source", required=True, help="rec:DIR (insightface RecordIO) or folder:DIR")
-    parser.add_argument("--name", required=True, help="dataset name, lower_snake_case")
-    parser.add_argument("--data-dir", required=True, help="TFDS data directory to write into")
-    args = parser.parse_args(argv)
-    try:
-        source = open_source(args.source)
-        import_tfds()
-        from pfc_jax.data import tfds_builder
-
-        path = tfds_builder.build(source, args.name, args.data_dir)
-    except (SourceError, RecordIOError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"built {path}: {len(source)} images, {source.num_classes} classes")
+    cli.run(_prepare, _parser(), argv)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,15 @@ every key is an image. ``property`` holds ``num_classes,height,width``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import struct
-import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from pfc_jax import cli
+from pfc_jax.errors import InputError
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -37,7 +38,7 @@ _HEADER = struct.Struct("<IfQQ")  # flag, label, id, id2
 _MAX_LENGTH = (1 << 29) - 1
 
 
-class RecordIOError(ValueError):
+class RecordIOError(InputError):
     """A RecordIO file that cannot be read as it is; the message says where and what to do."""
 
 
@@ -325,25 +326,28 @@ def write_dataset(
         f.write(f"{num_classes},{image_shape[0]},{image_shape[1]}\n")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pfc_jax.data.recordio", description="RecordIO tools")
-    parser.add_argument("command", choices=("index", "check"))
-    parser.add_argument("directory")
-    parser.add_argument("--prefix", default="train")
-    args = parser.parse_args(argv)
+def _parser():
+    p = cli.parser("pfc_jax.data.recordio", __doc__)
+    p.add_argument("command", choices=("index", "check"))
+    p.add_argument("directory")
+    p.add_argument("--prefix", default="train")
+    return p
+
+
+def _run(args) -> None:
     rec = os.path.join(args.directory, f"{args.prefix}.rec")
-    try:
-        if args.command == "index":
-            n = rebuild_index(rec, os.path.join(args.directory, f"{args.prefix}.idx"))
-            print(f"wrote {args.prefix}.idx: {n} records")
-        else:
-            ds = RecordIODataset(args.directory, prefix=args.prefix)
-            for i in range(len(ds)):
-                ds[i]
-            print(f"ok: {ds!r}")
-    except (RecordIOError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    if args.command == "index":
+        n = rebuild_index(rec, os.path.join(args.directory, f"{args.prefix}.idx"))
+        print(f"wrote {args.prefix}.idx: {n} records")
+    else:
+        ds = RecordIODataset(args.directory, prefix=args.prefix)
+        for i in range(len(ds)):
+            ds[i]
+        print(f"ok: {ds!r}")
+
+
+def main(argv=None) -> None:
+    cli.run(_run, _parser(), argv)
 
 
 if __name__ == "__main__":

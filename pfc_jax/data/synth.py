@@ -11,7 +11,6 @@ TFDS build, verification) can then run anywhere without a download.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import pickle
@@ -19,6 +18,7 @@ import shutil
 
 import numpy as np
 
+from pfc_jax import cli
 from pfc_jax.data import recordio
 from pfc_jax.data.synthetic import SyntheticIdentities
 from pfc_jax.progress import Progress
@@ -99,20 +99,22 @@ def write(
     os.replace(tmp, out)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pfc_jax.data.synth", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="output folder (replaced if it exists)")
-    parser.add_argument("--identities", type=int, required=True)
-    parser.add_argument("--images-per-id", type=int, required=True)
-    parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pairs", type=int, default=600, help="verification pairs in synth_val.bin (0: none)")
-    parser.add_argument("--holdout-identities", type=int, default=100)
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality")
-    args = parser.parse_args(argv)
-    for name in ("identities", "images_per_id", "holdout_identities"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+def _parser():
+    p = cli.parser("pfc_jax.data.synth", __doc__)
+    p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+    p.add_argument("--identities", type=cli.positive_int, required=True)
+    p.add_argument("--images-per-id", type=cli.positive_int, required=True)
+    p.add_argument("--image-size", type=cli.positive_int, default=112)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--pairs", type=cli.non_negative_int, default=600, help="verification pairs in synth_val.bin (0: none)"
+    )
+    p.add_argument("--holdout-identities", type=cli.positive_int, default=100)
+    p.add_argument("--quality", type=cli.positive_int, default=95, help="JPEG quality")
+    return p
+
+
+def _synth(args) -> None:
     write(
         args.out,
         identities=args.identities,
@@ -127,6 +129,10 @@ def main(argv=None) -> None:
         f"wrote {args.out}: {args.identities * args.images_per_id} images of {args.identities} "
         f"identities" + (f", {args.pairs} verification pairs" if args.pairs else "")
     )
+
+
+def main(argv=None) -> None:
+    cli.run(_synth, _parser(), argv)
 
 
 if __name__ == "__main__":

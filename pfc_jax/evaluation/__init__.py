@@ -28,7 +28,7 @@ def bin_names(spec: str) -> list[str]:
 
 def resolve_bin(name: str, directory: str) -> pathlib.Path:
     """The ``.bin`` file a configured name refers to (not checked for existence)."""
-    if name.endswith(".bin") or "/" in name:
+    if not needs_config(name):
         return pathlib.Path(name)
     return pathlib.Path(directory) / f"{name}.bin"
 
@@ -45,16 +45,24 @@ def synthetic_pairs(config, num_pairs: int = 600) -> PairSet:
     return PairSet(SYNTHETIC, images, np.asarray(issame, bool))
 
 
-def make_pair_sets(config, names: list[str] | None = None) -> list[PairSet]:
-    """Loads every pair set named in ``config.eval.bins`` (or ``names``)."""
+def needs_config(name: str) -> bool:
+    """Whether resolving ``name`` needs a run's config (a bare name or 'synthetic')."""
+    return name == SYNTHETIC or not (name.endswith(".bin") or "/" in name)
+
+
+def make_pair_sets(config, names: list[str] | None = None, *, image_size: int | None = None) -> list[PairSet]:
+    """Loads every pair set named in ``config.eval.bins`` (or ``names``), images resized
+    to ``image_size`` (default ``config.data.image_size``). ``config`` may be None when
+    every name is a path."""
     names = bin_names(config.eval.bins) if names is None else names
-    directory = config.eval.dir or config.data.path
+    image_size = image_size or config.data.image_size
     sets = []
     for name in names:
         if name == SYNTHETIC:
             sets.append(synthetic_pairs(config))
         else:
-            sets.append(PairSet.load(resolve_bin(name, directory), config.data.image_size))
+            directory = (config.eval.dir or config.data.path) if needs_config(name) else ""
+            sets.append(PairSet.load(resolve_bin(name, directory), image_size))
     return sets
 
 
@@ -76,6 +84,7 @@ __all__ = [
     "VerificationResult",
     "bin_names",
     "make_pair_sets",
+    "needs_config",
     "resolve_bin",
     "run_pair_sets",
     "summary_line",

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from pfc_jax.errors import InputError
 from pfc_jax.progress import Progress
 
 # Where the five landmarks (eyes, nose tip, mouth corners) of an aligned 112x112 face lie.
@@ -44,7 +45,7 @@ FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 TARGETS = ("IJBB", "IJBC")
 
 
-class IJBError(ValueError):
+class IJBError(InputError):
     """A missing or malformed IJB file."""
 
 

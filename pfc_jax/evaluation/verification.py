@@ -29,12 +29,14 @@ from collections.abc import Callable
 
 import numpy as np
 
+from pfc_jax.errors import InputError
+
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
 NUM_FOLDS = 10
 
 
-class PairFileError(ValueError):
+class PairFileError(InputError):
     """A ``.bin`` pair file that is missing, malformed, or not plain data."""
 
 

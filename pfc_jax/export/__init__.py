@@ -20,12 +20,10 @@ replaces both files.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 import time
 
@@ -33,6 +31,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from pfc_jax import cli
+from pfc_jax.errors import InputError
 from pfc_jax.export.onnx import (
     BATCH,
     DEFAULT_OPSET,
@@ -44,6 +44,7 @@ from pfc_jax.export.onnx import (
     require_onnx,
     to_onnx,
 )
+from pfc_jax.inference import NORMALIZATION
 
 __all__ = ["ExportError", "ExportReport", "check_against_jax", "export", "main", "to_onnx"]
 
@@ -56,17 +57,16 @@ def check_against_jax(
 ) -> tuple[float, float]:
     """(largest |onnxruntime(path) - JAX model|, largest |JAX embedding|) over random
     uint8 images, in batches of each size."""
-    import onnxruntime as ort
+    from pfc_jax.inference import normalize_images
+    from pfc_jax.inference.onnx import onnx_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = onnx_session(path, providers=["CPUExecutionProvider"])
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, train=False))
     rng, worst, scale = np.random.default_rng(seed), 0.0, 0.0
     for n in batch_sizes:
         images = rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)
-        x = (images.astype(np.float32) - 127.5) / 127.5
+        x = normalize_images(images)
         with jax.default_matmul_precision("highest"):  # no TF32 on GPUs: compare fp32 with fp32
             want = np.asarray(forward(state, x), np.float32)
         got = session.run([OUTPUT], {INPUT: np.ascontiguousarray(x.transpose(NCHW))})[0]
@@ -101,7 +101,7 @@ class ExportReport:
         return (
             f"exported {self.backbone} (step {self.step}) to {self.path}{data}\n"
             f"  opset {self.opset}; input  {INPUT!r} float32 {fmt(self.input_shape)} "
-            "(NCHW RGB, (x - 127.5) / 127.5)\n"
+            f"(NCHW RGB, {NORMALIZATION})\n"
             f"            output {OUTPUT!r} float32 {fmt(self.output_shape)} (not normalized)\n"
             f"  onnxruntime vs JAX, batches of {' and '.join(map(str, self.batch_sizes))}: "
             f"max abs diff {self.max_abs_diff:.2e} (embedding values up to {self.max_abs_embedding:.3g})\n"
@@ -148,21 +148,20 @@ def export(
     start = time.perf_counter()
     output = pathlib.Path(output)
     if output.is_dir():
-        raise ExportError(f"--output {output} is a directory; give a file name such as model.onnx")
-    model, meta = checkpoint.load_backbone(workdir, step)
-    m = meta["model"]
-    image_size = int(m["image_size"])
+        raise InputError(f"--output {output} is a directory (give a file name such as model.onnx)")
+    model, spec, step = checkpoint.load_backbone(workdir, step)
+    image_size = spec.image_size
     proto = to_onnx(
         model,
         image_size=image_size,
         opset=opset,
         metadata={
-            "backbone": m["name"],
-            "step": meta["step"],
-            "embedding_dim": m["embedding_dim"],
+            "backbone": spec.name,
+            "step": step,
+            "embedding_dim": spec.embedding_dim,
             "image_size": image_size,
             "input_layout": "NCHW RGB",
-            "input_normalization": "(x - 127.5) / 127.5",
+            "input_normalization": NORMALIZATION,
         },
     )
     external = sum(len(t.raw_data) for t in proto.graph.initializer) > external_data_threshold
@@ -200,11 +199,11 @@ def export(
     return ExportReport(
         output,
         output.with_name(output.name + ".data") if external else None,
-        m["name"],
-        meta["step"],
+        spec.name,
+        step,
         opset,
         (BATCH, 3, image_size, image_size),
-        (BATCH, m["embedding_dim"]),
+        (BATCH, spec.embedding_dim),
         diff,
         scale,
         tuple(batch_sizes),
@@ -213,29 +212,29 @@ def export(
     )
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pfc_jax.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="training workdir (holds checkpoints/)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--output", required=True, help="the .onnx file to write")
-    parser.add_argument(
+def _parser():
+    p = cli.parser("pfc_jax.export", __doc__)
+    cli.add_workdir(p)
+    cli.add_step(p)
+    p.add_argument("--output", required=True, help="the .onnx file to write")
+    p.add_argument(
         "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET} or later (default {DEFAULT_OPSET})"
     )
-    parser.add_argument(
+    p.add_argument(
         "--atol",
         type=float,
         default=1e-4,
         help="largest accepted |onnxruntime - JAX| on the check batches (default 1e-4)",
     )
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.step is not None and args.step < 0:
-        parser.error("--step must be >= 0")
-    if args.opset < MIN_OPSET:
-        parser.error(f"--opset must be >= {MIN_OPSET}")
-    from pfc_jax.checkpoint import CheckpointError
+    return p
 
-    try:
-        report = export(args.workdir, args.output, step=args.step, opset=args.opset, atol=args.atol)
-    except (CheckpointError, ExportError) as e:
-        raise SystemExit(f"error: {e}") from None
+
+def _export(args) -> None:
+    if args.opset < MIN_OPSET:
+        raise InputError(f"--opset {args.opset} is too old (use {MIN_OPSET} or later)")
+    report = export(args.workdir, args.output, step=args.step, opset=args.opset, atol=args.atol)
     print(report.summary())
+
+
+def main(argv=None) -> None:
+    cli.run(_export, _parser(), argv)

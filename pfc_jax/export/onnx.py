@@ -26,12 +26,14 @@ from flax import nnx
 from jax import export as jax_export
 from jax.extend import core
 
+from pfc_jax.errors import InputError, RunError
+
 INPUT, OUTPUT, BATCH = "input", "embedding", "N"
 DEFAULT_OPSET, MIN_OPSET = 17, 13
 NCHW = (0, 3, 1, 2)  # physical axis i of the ONNX input holds logical (NHWC) axis NCHW[i]
 
 
-class ExportError(RuntimeError):
+class ExportError(RunError):
     """A model that cannot be exported, or an export that does not match the JAX model."""
 
 
@@ -59,10 +61,10 @@ def _same_dim(a, b) -> bool:
 
 
 def require_onnx() -> None:
-    """Raises an :class:`ExportError` saying how to install onnx and onnxruntime if missing."""
+    """Raises an :class:`~pfc_jax.errors.InputError` saying how to install onnx and onnxruntime if missing."""
     for name in ("onnx", "onnxruntime"):
         if importlib.util.find_spec(name) is None:
-            raise ExportError(f"{name} is not installed: pip install 'pfc_jax[onnx]' (onnx, onnxruntime)")
+            raise InputError(f"{name} is not installed (pip install 'pfc_jax[onnx]': onnx, onnxruntime)")
 
 
 def _host_device():

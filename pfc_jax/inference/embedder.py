@@ -23,7 +23,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from pfc_jax import sharding
-from pfc_jax.step import normalize_images
+from pfc_jax.inference import normalize_images
+from pfc_jax.models import ModelSpec
 
 
 @dataclasses.dataclass
@@ -34,14 +35,15 @@ class Embedder:
       model: the backbone (NNX); it is run with ``train=False`` (running BatchNorm
         statistics, no dropout).
       batch_size: images per forward; rounded up to a multiple of the device count.
-      meta: the checkpoint's metadata (model name, embedding size, image size, step) when
-        built with :meth:`from_workdir`.
+      spec: the backbone's description (name, embedding size, image size) and
+      step: the checkpoint's step, when built with :meth:`from_workdir`.
     """
 
     model: nnx.Module
     batch_size: int = 256
     mesh: jax.sharding.Mesh | None = None
-    meta: dict = dataclasses.field(default_factory=dict)
+    spec: ModelSpec | None = None
+    step: int | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -83,12 +85,12 @@ class Embedder:
         """The backbone of ``workdir``'s checkpoint ``step`` (default: the latest)."""
         from pfc_jax import checkpoint
 
-        model, meta = checkpoint.load_backbone(workdir, step)
-        return cls(model, meta=meta, **kw)
+        model, spec, step = checkpoint.load_backbone(workdir, step)
+        return cls(model, spec=spec, step=step, **kw)
 
     @property
     def image_size(self) -> int | None:
-        return self.meta.get("model", {}).get("image_size")
+        return self.spec.image_size if self.spec else None
 
     def embed_batches(self, batches: Iterable[np.ndarray], *, flip: bool = False) -> Iterator[np.ndarray]:
         """Embeds each uint8 [n, S, S, 3] chunk (n <= batch_size), yielding [n, D] float32."""
@@ -117,6 +119,6 @@ class Embedder:
         chunks = (images[i : i + self.batch_size] for i in range(0, len(images), self.batch_size))
         out = list(self.embed_batches(chunks, flip=flip))
         if not out:
-            dim = self.meta.get("model", {}).get("embedding_dim", 0)
+            dim = self.spec.embedding_dim if self.spec else 0
             return np.zeros((0, dim), np.float32)
         return np.concatenate(out)

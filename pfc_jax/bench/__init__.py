@@ -1,0 +1,47 @@
+"""Throughput and memory benchmarks.
+
+    python -m pfc_jax.bench head --classes 1000000 --batch 256 --dim 512 --rate 0.1
+    python -m pfc_jax.bench train --config configs/synthetic.py
+    python -m pfc_jax.bench data --source rec:/data/ms1m-retinaface-t1 --workers 4
+
+``head`` (:mod:`pfc_jax.bench.head`) times one whole Partial FC head step; ``train``
+(:mod:`pfc_jax.bench.train`) the trainer's own step built from a recipe, and the
+backbone's part of it alone; ``data`` (:mod:`pfc_jax.bench.data`) the input pipeline.
+Each prints a table, or one JSON object with ``--json``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pfc_jax import cli
+
+# name -> its module (add_arguments, run, and the docstring's first line as help).
+BENCHMARKS = ("head", "train", "data")
+
+
+def _modules():
+    from pfc_jax.bench import data, head, train
+
+    return {"head": head, "train": train, "data": data}
+
+
+def _parser():
+    modules = _modules()
+    p = cli.parser("pfc_jax.bench", __doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=cli.ArgumentParser)
+    for name in BENCHMARKS:
+        doc = modules[name].__doc__
+        one = sub.add_parser(name, help=doc.strip().splitlines()[0], description=doc)
+        modules[name].add_arguments(one)
+        one.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return p
+
+
+def _run(args) -> None:
+    report = _modules()[args.command].run(args)
+    print(report.to_json() if args.json else report.table())
+
+
+def main(argv=None) -> None:
+    cli.run(_run, _parser(), sys.argv[1:] if argv is None else argv)

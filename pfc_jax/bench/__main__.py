@@ -1,0 +1,3 @@
+from pfc_jax.bench import main
+
+main()

@@ -1,0 +1,188 @@
+"""``bench train``: the trainer's own step, built from a recipe as ``main`` builds it.
+
+The full step (:meth:`pfc_jax.step.TrainStep.jit`: backbone forward/backward, head, both
+optimizer updates) and the backbone's part of it alone
+(:meth:`~pfc_jax.step.TrainStep.jit_backbone_step`: the same forward, backward and
+optimizer, a stand-in loss instead of the head), timed on one fixed synthetic batch: the
+ratio is the head's overhead. Both report XLA's compiled memory and the device's peak;
+the backbone runs first, before the head's state exists, so its peak is its own. Flags
+override the recipe's classes, sample rate, backbone, batch and dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+from pfc_jax.bench.report import Report, compiled_bytes, device_peak_bytes, mib, select_devices, time_steps
+from pfc_jax.errors import InputError
+
+
+@dataclasses.dataclass
+class TrainReport(Report):
+    benchmark: str
+    config: str
+    platform: str
+    device_kind: str
+    devices: int
+    backbone: str
+    dtype: str
+    classes: int
+    rate: float
+    batch: int
+    steps: int
+    ms_per_step: float
+    samples_per_sec: float
+    backbone_ms_per_step: float
+    backbone_samples_per_sec: float
+    head_overhead: float  # full / backbone alone - 1
+    compile_s: float
+    compiled_temp_bytes: int | None
+    compiled_total_bytes: int | None
+    peak_bytes: int | None
+    backbone_compiled_temp_bytes: int | None
+    backbone_compiled_total_bytes: int | None
+    backbone_peak_bytes: int | None
+
+    def title(self) -> str:
+        return (
+            f"train step  {self.backbone} {self.dtype}, C={self.classes:,} rate={self.rate} B={self.batch} "
+            f"on {self.devices} x {self.device_kind} ({self.platform})"
+        )
+
+    def rows(self):
+        return [
+            (
+                "full step",
+                f"{self.samples_per_sec:,.1f} samples/s ({self.ms_per_step:.1f} ms/step, "
+                f"compile {self.compile_s:.1f} s)",
+            ),
+            (
+                "backbone alone",
+                f"{self.backbone_samples_per_sec:,.1f} samples/s ({self.backbone_ms_per_step:.1f} ms/step)",
+            ),
+            ("head overhead", f"{100 * self.head_overhead:.1f}% (full / backbone = {1 + self.head_overhead:.3f})"),
+            (
+                "memory, full step",
+                f"compiled total {mib(self.compiled_total_bytes)}, temporaries {mib(self.compiled_temp_bytes)}, "
+                f"peak {mib(self.peak_bytes)} (per device)",
+            ),
+            (
+                "memory, backbone alone",
+                f"compiled total {mib(self.backbone_compiled_total_bytes)}, "
+                f"temporaries {mib(self.backbone_compiled_temp_bytes)}, peak {mib(self.backbone_peak_bytes)}",
+            ),
+        ]
+
+
+def add_arguments(p) -> None:
+    from pfc_jax import cli
+
+    p.add_argument("--config", required=True, help="config file, e.g. configs/synthetic.py")
+    p.add_argument(
+        "--classes", type=cli.positive_int, default=None, help="number of identities (default: the config's)"
+    )
+    p.add_argument("--rate", type=float, default=None, help="sample rate (default: the config's)")
+    p.add_argument("--backbone", default=None, help="backbone name (default: the config's)")
+    p.add_argument("--batch", type=cli.positive_int, default=None, help="global batch (default: the config's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "bf16"), default=None)
+    p.add_argument(
+        "--devices", type=cli.positive_int, default=None, help="devices to use (default: all; on CPU, fakes this many)"
+    )
+    p.add_argument("--steps", type=cli.positive_int, default=10)
+    p.add_argument("--warmup", type=cli.non_negative_int, default=2)
+
+
+def load_config(path: str):
+    """The recipe at ``path`` (its ``get_config()``); bad files are an :class:`InputError`."""
+    import pathlib
+    import runpy
+
+    if not pathlib.Path(path).is_file():
+        raise InputError(f"--config {path}: no such file (give a recipe such as configs/synthetic.py)")
+    try:
+        return runpy.run_path(path)["get_config"]()
+    except Exception as e:  # noqa: BLE001 - whatever the recipe raised
+        raise InputError(f"cannot load --config {path}: {type(e).__name__}: {e} (fix the recipe)") from None
+
+
+def run(args) -> TrainReport:
+    if args.rate is not None and not 0.0 <= args.rate <= 1.0:
+        raise InputError(f"--rate must be in [0, 1], got {args.rate}")
+    config = load_config(args.config)
+    import jax
+    import numpy as np
+
+    from pfc_jax import sharding, train
+    from pfc_jax.config_validation import validate
+
+    devices = select_devices(args.devices)
+    mesh = sharding.make_mesh(devices)
+    if args.rate is not None:
+        config.head.sample_rate = args.rate
+    if args.backbone is not None:
+        config.model.name = args.backbone
+    if args.batch is not None:
+        config.global_batch_size = args.batch
+    if args.dtype is not None:
+        config.dtype = "bfloat16" if args.dtype == "bf16" else args.dtype
+    config.total_steps = config.total_steps or 1000
+    config.data.source, config.data.path = "synthetic", ""  # never read a dataset here
+    config.eval.bins = ""
+    validate(config, num_devices=len(devices))
+    num_classes = args.classes or config.data.synthetic.num_identities
+    setup = train.build(config, mesh, num_classes=num_classes, num_examples=10 * config.global_batch_size)
+    trainer = setup.trainer
+    b, size = config.global_batch_size, config.data.image_size
+    rng = np.random.default_rng(0)
+    batch = sharding.batch_sharding(mesh)
+    images = jax.device_put(rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8), batch)
+    labels = jax.device_put(rng.integers(0, num_classes, b).astype(np.int32), batch)
+
+    # The backbone alone first, on a state without the head: the device's peak memory
+    # after it is its own (the peak only grows).
+    without_head = jax.jit(
+        lambda *a: trainer.init_state(*a)._replace(head=None), out_shardings=trainer.state_shardings._replace(head=None)
+    )
+    state = without_head(setup.params, setup.batch_stats, jax.random.key(config.seed))
+    backbone = trainer.jit_backbone_step().lower(state, images).compile()
+    state, _, backbone_ms = time_steps(backbone, state, lambda i: (images,), warmup=args.warmup, steps=args.steps)
+    backbone_peak = device_peak_bytes(devices)
+    backbone_memory = compiled_bytes(backbone.memory_analysis(), prefix="backbone_")
+
+    # The full step: the same function main compiles, on the same batch.
+    state = state._replace(
+        head=jax.jit(trainer.head.init_state, out_shardings=trainer.head.state_shardings())(
+            jax.random.key(config.seed + 1)
+        )
+    )
+    start = time.perf_counter()
+    full = trainer.jit().lower(state, images, labels).compile()
+    compile_s = time.perf_counter() - start
+    state, _, full_ms = time_steps(full, state, lambda i: (images, labels), warmup=args.warmup, steps=args.steps)
+
+    full_med, backbone_med = statistics.median(full_ms), statistics.median(backbone_ms)
+    return TrainReport(
+        benchmark="train",
+        config=args.config,
+        platform=devices[0].platform,
+        device_kind=devices[0].device_kind,
+        devices=len(devices),
+        backbone=config.model.name,
+        dtype=config.dtype,
+        classes=num_classes,
+        rate=config.head.sample_rate,
+        batch=b,
+        steps=args.steps,
+        ms_per_step=full_med,
+        samples_per_sec=b / full_med * 1e3,
+        backbone_ms_per_step=backbone_med,
+        backbone_samples_per_sec=b / backbone_med * 1e3,
+        head_overhead=full_med / backbone_med - 1.0,
+        compile_s=compile_s,
+        **compiled_bytes(full.memory_analysis()),
+        peak_bytes=device_peak_bytes(devices),
+        **backbone_memory,
+        backbone_peak_bytes=backbone_peak,
+    )

@@ -1,0 +1,134 @@
+"""The convention every ``python -m pfc_jax.<tool>`` command follows.
+
+* Success exits 0.
+* Bad input or usage — a wrong or missing flag, a missing file or workdir, a damaged
+  checkpoint, a malformed config or dataset (:class:`~pfc_jax.errors.InputError`) — prints
+  one line ``error: <what> (<fix>)`` on stderr and exits 2, with no traceback.
+* A failure of the run itself on good input — training diverged, an export failed its
+  check (:class:`~pfc_jax.errors.RunError`) — prints ``error: ...`` and exits 1.
+
+Commands build their parser with :func:`parser`, declare the shared arguments with
+:func:`add_workdir` and :func:`add_step`, and run their body through :func:`run`.
+This module imports no JAX, so ``--help`` and usage errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from pfc_jax.errors import InputError, RunError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+# OS errors that mean "the path you gave is wrong", not "the machine failed".
+_BAD_PATH = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def fail(message: str, code: int = EXIT_USAGE):
+    """Prints ``error: message`` on one line of stderr and exits with ``code``."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with pfc_jax's one-line usage errors (exit 2)."""
+
+    def error(self, message: str):
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def parser(prog: str, doc: str | None, **kwargs) -> ArgumentParser:
+    """A parser for ``python -m <prog>`` described by the first line of ``doc`` (the
+    module docstring), with the rest of it as the epilog of ``--help``."""
+    first, _, rest = (doc or "").strip().partition("\n")
+    return ArgumentParser(
+        prog=f"python -m {prog}",
+        description=first,
+        epilog=rest.strip() or None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kwargs,
+    )
+
+
+def non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def add_workdir(p: argparse.ArgumentParser, *, required: bool = True, help: str | None = None):
+    """``--workdir``: a pfc_jax training workdir (the one the trainer wrote)."""
+    return p.add_argument(
+        "--workdir", required=required, help=help or "a pfc_jax training workdir (its checkpoints/ and config.json)"
+    )
+
+
+def add_step(p: argparse.ArgumentParser):
+    """``--step``: the checkpoint step (default: the latest)."""
+    return p.add_argument(
+        "--step", type=non_negative_int, default=None, help="checkpoint step of --workdir (default: the latest)"
+    )
+
+
+def guard(body: Callable[[], object]):
+    """Runs ``body()``, turning pfc_jax's errors into the exit codes of the convention."""
+    try:
+        return body()
+    except InputError as e:
+        fail(str(e), EXIT_USAGE)
+    except _BAD_PATH as e:
+        fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ") + " (check the path)", EXIT_USAGE)
+    except RunError as e:
+        fail(str(e), EXIT_FAILED)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+def run(body: Callable[[argparse.Namespace], object], p: argparse.ArgumentParser, argv=None):
+    """Parses ``argv`` (default: the command line) with ``p`` and runs ``body(args)``
+    under :func:`guard`."""
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    return guard(lambda: body(args))
+
+
+def absl_flags_parser(load_config: Callable[[], object]):
+    """A ``flags_parser`` for ``absl.app.run`` with this convention: flag errors and a
+    config file that does not load (missing, failing, an unknown ``--config.<field>``)
+    print one ``error:`` line and exit 2. ``load_config()`` reads the config flag."""
+
+    def parse(argv):
+        from absl import flags
+
+        try:
+            rest = flags.FLAGS(argv)
+        except flags.Error as e:
+            fail(f"{e} (see {argv[0]} --help)")
+        except Exception as e:  # noqa: BLE001 - ml_collections raises what the config file raised
+            fail(f"cannot load the config: {type(e).__name__}: {e} (check --config and the --config.* flags)")
+        if len(rest) > 1:
+            fail(f"unexpected arguments: {' '.join(rest[1:])} (flags take the form --name=value)")
+        try:
+            load_config()
+        except Exception as e:  # noqa: BLE001 - the config file's own error, whatever it is
+            fail(f"cannot load the config: {type(e).__name__}: {e} (check --config and the --config.* flags)")
+        return rest
+
+    return parse

@@ -1,0 +1,93 @@
+"""Every command follows one convention (pfc_jax/cli.py): bad input or usage -> one
+``error:`` line on stderr, exit 2, no traceback; a failed run -> exit 1."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).parents[1]
+SYNTHETIC = str(ROOT / "configs" / "synthetic.py")
+
+
+def _cases(tmp: pathlib.Path):
+    missing = str(tmp / "no_such_workdir")
+    return {
+        # command: (with a bad argument, with a missing workdir / input)
+        "main": (
+            ["--config", SYNTHETIC, "--workdir", str(tmp / "w"), "--no_such_flag=1"],
+            ["--config", SYNTHETIC],
+        ),
+        "evaluate": (["--workdir", missing, "--step", "-1"], ["--workdir", missing, "--bin", "synthetic"]),
+        "export": (
+            ["--workdir", missing, "--output", "m.onnx", "--step", "x"],
+            ["--workdir", missing, "--output", str(tmp / "m.onnx")],
+        ),
+        "embed": (
+            ["--workdir", missing, "--images", str(tmp), "--out", "f.npy", "--batch-size", "0"],
+            ["--workdir", missing, "--images", str(ROOT / "tests" / "fixtures"), "--out", str(tmp / "f.npy")],
+        ),
+        "bench": (["head", "--classes", "0"], ["train", "--config", str(tmp / "no_such_recipe.py")]),
+        "data.prepare": (
+            ["--source", "rec:" + missing],
+            ["--source", "rec:" + missing, "--name", "x", "--data-dir", str(tmp)],
+        ),
+        "data.synth": (["--out", str(tmp / "s"), "--identities", "-3", "--images-per-id", "2"], ["--identities", "2"]),
+        "data.recordio": (["rebuild", missing], ["check", missing]),
+    }
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every case at once (2 cores: the processes overlap their start-up)."""
+    tmp = tmp_path_factory.mktemp("cli")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = {}
+    for command, pair in _cases(tmp).items():
+        for kind, args in zip(("bad argument", "missing input"), pair):
+            procs[command, kind] = subprocess.Popen(
+                [sys.executable, "-m", f"pfc_jax.{command}", *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=tmp,
+                env=env,
+            )
+    return {key: (p.wait(timeout=300), p.stderr.read()) for key, p in procs.items()}
+
+
+@pytest.mark.parametrize("command", list(_cases(pathlib.Path("/tmp"))))
+@pytest.mark.parametrize("kind", ["bad argument", "missing input"])
+def test_bad_input_exits_2_with_one_error_line(results, command, kind):
+    code, stderr = results[command, kind]
+    assert code == 2, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), stderr[-2000:]
+    assert [line for line in lines if line.startswith("error: ")] == [lines[-1]], stderr[-2000:]
+
+
+def test_messages_name_the_problem(results):
+    assert "no_such_flag" in results["main", "bad argument"][1]
+    assert "--workdir" in results["main", "missing input"][1]
+    assert "has no checkpoints/ directory" in results["evaluate", "missing input"][1]
+    assert "argument --step: must be >= 0" in results["evaluate", "bad argument"][1]
+    assert "expected an integer, got 'x'" in results["export", "bad argument"][1]
+    assert "no_such_recipe.py: no such file" in results["bench", "missing input"][1]
+    assert "invalid choice: 'rebuild'" in results["data.recordio", "bad argument"][1]
+    assert "no_such_workdir" in results["data.recordio", "missing input"][1]
+
+
+@pytest.mark.parametrize("module", ["pfc_jax.evaluate", "pfc_jax.embed", "pfc_jax.bench", "pfc_jax.data.synth"])
+def test_help_needs_no_jax(module):
+    """--help answers without importing JAX (the parsers live in light modules)."""
+    code = (
+        "import sys, runpy; sys.argv = ['x', '--help']\n"
+        f"try:\n    runpy.run_module({module!r}, run_name='__main__')\n"
+        "except SystemExit as e:\n    assert e.code == 0\n"
+        "assert 'jax' not in sys.modules, 'jax was imported'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
