@@ -7,30 +7,44 @@ Each step directory under ``<workdir>/checkpoints`` holds four items:
 * ``train``: step, backbone optimizer state, class centers and their optimizer state,
   the PRNG key;
 * ``data``: the data iterator's position (JSON);
-* ``meta``: model config, class count, device count at save time (JSON).
+* ``meta``: the model's :class:`~pfc_jax.models.ModelSpec` (``meta["model"]``), class
+  count, device count at save time (JSON).
 
 Orbax writes each step to a temporary directory and renames it when complete, so an
 interrupted save never looks like a checkpoint. Class centers are stored with the
 padding of the device count that wrote them; restoring onto another device count pads
 or truncates the rows (the padding rows are zero and never trained) and re-shards them.
+That holds for every leaf of the head's state that is split by rows over the devices.
 """
 
 from __future__ import annotations
 
 import pathlib
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
+from pfc_jax import sharding
+from pfc_jax.errors import InputError
+from pfc_jax.models import ModelSpec
 from pfc_jax.step import TrainState
 
 BACKBONE, TRAIN, DATA, META = "backbone", "train", "data", "meta"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used as asked; the message says why and what to do."""
+
+
+class Backbone(NamedTuple):
+    """What :func:`load_backbone` returns."""
+
+    model: Any  # the NNX backbone, float32, to be called with train=False
+    spec: ModelSpec
+    step: int
 
 
 def _split(state: TrainState):
@@ -39,14 +53,14 @@ def _split(state: TrainState):
     return backbone, train
 
 
-def _restore_args(abstract, flexible_rows: int | None):
-    """Restore args per leaf: target sharding; rows of shape [flexible_rows, D] may be
-    padded/truncated from the saved shape (class centers and their optimizer rows)."""
+def _restore_args(abstract):
+    """Restore args per leaf: the target sharding; leaves split by rows over the devices
+    (class centers, their optimizer rows) may be padded/truncated from the saved shape."""
 
     def args(leaf):
-        flexible = flexible_rows is not None and len(leaf.shape) == 2 and leaf.shape[0] == flexible_rows
+        by_rows = leaf.ndim > 0 and tuple(leaf.sharding.spec)[:1] == (sharding.DATA_AXIS,)
         return ocp.ArrayRestoreArgs(
-            sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype, strict=not flexible
+            sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype, strict=not by_rows
         )
 
     return jax.tree.map(args, abstract)
@@ -97,14 +111,13 @@ class Checkpointer:
         """(state, data_state, meta) at ``step``, laid out like ``abstract`` (shapes,
         dtypes, shardings of this run: any device count)."""
         backbone, train = _split(abstract)
-        rows = abstract.head.centers.shape[0]
         try:
             out = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
                     **{
-                        BACKBONE: ocp.args.PyTreeRestore(backbone, restore_args=_restore_args(backbone, None)),
-                        TRAIN: ocp.args.PyTreeRestore(train, restore_args=_restore_args(train, rows)),
+                        BACKBONE: ocp.args.PyTreeRestore(backbone, restore_args=_restore_args(backbone)),
+                        TRAIN: ocp.args.PyTreeRestore(train, restore_args=_restore_args(train)),
                         DATA: ocp.args.JsonRestore(),
                         META: ocp.args.JsonRestore(),
                     }
@@ -136,15 +149,24 @@ class Checkpointer:
         self._manager.close()
 
 
-def load_backbone(workdir: str | pathlib.Path, step: int | None = None):
-    """The trained backbone alone (no centers): ``(model in eval mode, meta)``.
+def read_spec(meta: dict) -> ModelSpec:
+    """The :class:`ModelSpec` saved in a checkpoint's ``meta`` (any layout since 0.1.0)."""
+    try:
+        return ModelSpec.from_dict(meta["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint's metadata has no readable model description ({e})") from None
 
+
+def load_backbone(workdir: str | pathlib.Path, step: int | None = None) -> Backbone:
+    """The trained backbone alone (no centers): ``(model, spec, step)``.
+
+    The model is float32 whatever it was trained in; call it with ``train=False``.
     ``step`` defaults to the latest checkpoint. Raises :class:`CheckpointError` when the
     workdir has no (such) checkpoint or the checkpoint cannot be read.
     """
     directory = pathlib.Path(workdir).absolute() / "checkpoints"
     if not directory.is_dir():
-        raise CheckpointError(f"{workdir} has no checkpoints/ directory: is it a pfc_jax workdir?")
+        raise CheckpointError(f"{workdir} has no checkpoints/ directory (is it a pfc_jax training workdir?)")
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax notes that a read-only manager is read-only
     try:
@@ -153,31 +175,29 @@ def load_backbone(workdir: str | pathlib.Path, step: int | None = None):
         absl_logging.set_verbosity(verbosity)
     steps = list(manager.all_steps())
     if not steps:
-        raise CheckpointError(f"no complete checkpoint in {directory}")
+        raise CheckpointError(f"no complete checkpoint in {directory} (train first, or check the --workdir)")
     if step is None:
         step = max(steps)
     elif step not in steps:
-        raise CheckpointError(f"no checkpoint for step {step} in {directory}; available: {sorted(steps)}")
+        raise CheckpointError(f"no checkpoint for step {step} in {directory} (available: {sorted(steps)})")
     try:
-        model, meta = _restore_backbone(manager, step)
+        model, spec = _restore_backbone(manager, step)
     except (OSError, ValueError, KeyError) as e:  # a step folder with missing or damaged items
         raise CheckpointError(
-            f"cannot read the backbone of checkpoint step {step} in {directory}: {type(e).__name__}: {e}"
+            f"cannot read the backbone of checkpoint step {step} in {directory}: {type(e).__name__}: {e} "
+            "(choose another --step, or delete the damaged step folder)"
         ) from None
     finally:
         manager.close()
-    return model, {**meta, "step": step}
+    return Backbone(model, spec, step)
 
 
 def _restore_backbone(manager, step: int):
-    from flax import nnx  # local: keeps checkpoint import light for the trainer's workers
-
-    from pfc_jax import models
+    from flax import nnx
 
     meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
-    m = meta["model"]
-    model = models.create(m["name"], embedding_dim=m["embedding_dim"], image_size=m["image_size"], dropout=m["dropout"])
-    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    spec = read_spec(meta)
+    graphdef, params, stats = nnx.split(spec.create(dtype="float32"), nnx.Param, nnx.BatchStat)
     target = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
     restored = manager.restore(
@@ -191,4 +211,4 @@ def _restore_backbone(manager, step: int):
             }
         ),
     )[BACKBONE]
-    return nnx.merge(graphdef, restored["params"], restored["batch_stats"]), meta
+    return nnx.merge(graphdef, restored["params"], restored["batch_stats"]), spec

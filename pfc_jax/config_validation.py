@@ -1,6 +1,10 @@
 """Checks a run's config before anything is built or compiled.
 
 Every error names the field, the bad value and how to fix it, as a :class:`ConfigError`.
+Names chosen from a registry (``model.name``, ``head.name``, ``optimizer.name``,
+``schedule.name``, ``data.source``, ``data.sampler``, the dtypes) are checked against
+that registry, and the fields of a head or a data source are checked by its registry
+entry, so a new head or source needs nothing here.
 """
 
 from __future__ import annotations
@@ -9,155 +13,130 @@ import os
 
 import ml_collections
 
-from pfc_jax import models
+from pfc_jax import heads, models, optim
+from pfc_jax.data.pipeline import SAMPLERS
+from pfc_jax.data.sources import SOURCES
+from pfc_jax.errors import InputError
 from pfc_jax.evaluation import SYNTHETIC, bin_names, resolve_bin
-from pfc_jax.heads.margins import CombinedMargin
-
-DTYPES = ("float32", "bfloat16")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("polynomial", "cosine", "constant")
-SOURCES = ("synthetic", "recordio", "tfds", "folder")
-SAMPLERS = ("uniform", "identity_balanced")
-HEADS = ("partial_fc",)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """An invalid configuration; the message says which field and how to fix it."""
 
 
-def _fail(field: str, value, fix: str):
-    raise ConfigError(f"config.{field} = {value!r}: {fix} (set --config.{field}=...)")
+class Check:
+    """Field checks on one config; each raises :class:`ConfigError` naming the field."""
 
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
 
-def _check(cond: bool, field: str, value, fix: str):
-    if not cond:
-        _fail(field, value, fix)
+    def get(self, field: str):
+        node = self.config
+        for part in field.split("."):
+            node = node[part]
+        return node
 
+    def fail(self, field: str, value, fix: str):
+        raise ConfigError(f"config.{field} = {value!r}: {fix} (set --config.{field}=...)")
 
-def _choice(config, field: str, options):
-    value = _get(config, field)
-    _check(value in options, field, value, f"must be one of {', '.join(options)}")
+    def fail_group(self, group: str, error: Exception):
+        """A problem found by a constructor that takes a whole group of fields."""
+        raise ConfigError(f"config.{group}: {error} (set --config.{group}.<field>=...)")
 
+    def that(self, cond: bool, field: str, value, fix: str):
+        if not cond:
+            self.fail(field, value, fix)
 
-def _get(config, field: str):
-    node = config
-    for part in field.split("."):
-        node = node[part]
-    return node
+    def choice(self, field: str, registry):
+        """The field must name an entry of ``registry`` (a dict or a sequence of names)."""
+        value = self.get(field)
+        self.that(value in registry, field, value, f"must be one of {', '.join(registry)}")
 
+    def positive_int(self, field: str, minimum: int = 1):
+        value = self.get(field)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        self.that(ok, field, value, f"must be an integer >= {minimum}")
 
-def _positive_int(config, field: str, minimum: int = 1):
-    value = _get(config, field)
-    _check(isinstance(value, int) and value >= minimum, field, value, f"must be an integer >= {minimum}")
-
-
-def _in_range(config, field: str, low: float, high: float, *, high_open=False, low_open=False):
-    value = _get(config, field)
-    ok = (
-        isinstance(value, (int, float))
-        and (value > low if low_open else value >= low)
-        and (value < high if high_open else value <= high)
-    )
-    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-    _check(ok, field, value, f"must be in {lo}{low}, {high}{hi}")
+    def in_range(self, field: str, low: float, high: float, *, high_open=False, low_open=False):
+        value = self.get(field)
+        ok = (
+            isinstance(value, (int, float))
+            and (value > low if low_open else value >= low)
+            and (value < high if high_open else value <= high)
+        )
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        self.that(ok, field, value, f"must be in {lo}{low}, {high}{hi}")
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     """Raises :class:`ConfigError` for the first problem found."""
-    _check(isinstance(config.seed, int), "seed", config.seed, "must be an integer")
-    _positive_int(config, "global_batch_size")
-    _positive_int(config, "grad_accum_steps")
+    c = Check(config)
+    c.that(isinstance(config.seed, int), "seed", config.seed, "must be an integer")
+    c.positive_int("global_batch_size")
+    c.positive_int("grad_accum_steps")
     per_step = config.grad_accum_steps * num_devices
-    _check(
+    c.that(
         config.global_batch_size % per_step == 0,
         "global_batch_size",
         config.global_batch_size,
         f"must be a multiple of grad_accum_steps x devices = {config.grad_accum_steps} x {num_devices} = {per_step}",
     )
-    _positive_int(config, "total_steps", minimum=0)
-    _positive_int(config, "stop_at_step", minimum=0)
+    c.positive_int("total_steps", minimum=0)
+    c.positive_int("stop_at_step", minimum=0)
     if config.total_steps == 0:
-        _in_range(config, "num_epochs", 0.0, float("inf"), low_open=True)
-    _choice(config, "dtype", DTYPES)
+        c.in_range("num_epochs", 0.0, float("inf"), low_open=True)
+    c.choice("dtype", models.DTYPES)
 
-    _check(
-        config.model.name in models.BACKBONES,
-        "model.name",
-        config.model.name,
-        f"unknown backbone; choose one of {', '.join(sorted(models.BACKBONES))}",
-    )
-    _positive_int(config, "model.embedding_dim")
-    _in_range(config, "model.dropout", 0.0, 1.0, high_open=True)
+    c.choice("model.name", models.BACKBONES)
+    c.positive_int("model.embedding_dim")
+    c.in_range("model.dropout", 0.0, 1.0, high_open=True)
 
-    _choice(config, "head.name", HEADS)
-    _in_range(config, "head.sample_rate", 0.0, 1.0)
-    _in_range(config, "head.weight_decay", 0.0, float("inf"))
-    _choice(config, "head.logits_dtype", DTYPES)
-    try:
-        CombinedMargin(**config.head.margin.to_dict())
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"config.head.margin: {e} (set --config.head.margin.<field>=...)") from None
+    c.choice("head.name", heads.HEADS)
+    heads.HEADS[config.head.name].check(c)
 
-    _choice(config, "optimizer.name", OPTIMIZERS)
-    _in_range(config, "optimizer.lr", 0.0, float("inf"), low_open=True)
-    _in_range(config, "optimizer.momentum", 0.0, 1.0, high_open=True)
-    _in_range(config, "optimizer.weight_decay", 0.0, float("inf"))
-    _in_range(config, "optimizer.b1", 0.0, 1.0, high_open=True)
-    _in_range(config, "optimizer.b2", 0.0, 1.0, high_open=True)
-    _in_range(config, "optimizer.eps", 0.0, float("inf"), low_open=True)
-    _in_range(config, "optimizer.clip_grad_norm", 0.0, float("inf"))
+    c.choice("optimizer.name", optim.OPTIMIZERS)
+    c.in_range("optimizer.lr", 0.0, float("inf"), low_open=True)
+    c.in_range("optimizer.momentum", 0.0, 1.0, high_open=True)
+    c.in_range("optimizer.weight_decay", 0.0, float("inf"))
+    c.in_range("optimizer.b1", 0.0, 1.0, high_open=True)
+    c.in_range("optimizer.b2", 0.0, 1.0, high_open=True)
+    c.in_range("optimizer.eps", 0.0, float("inf"), low_open=True)
+    c.in_range("optimizer.clip_grad_norm", 0.0, float("inf"))
 
-    _choice(config, "schedule.name", SCHEDULES)
-    _in_range(config, "schedule.warmup_epochs", 0.0, float("inf"))
-    _in_range(config, "schedule.power", 0.0, float("inf"), low_open=True)
-    _in_range(config, "schedule.end_lr_factor", 0.0, 1.0)
+    c.choice("schedule.name", optim.SCHEDULES)
+    c.in_range("schedule.warmup_epochs", 0.0, float("inf"))
+    c.in_range("schedule.power", 0.0, float("inf"), low_open=True)
+    c.in_range("schedule.end_lr_factor", 0.0, 1.0)
 
-    _choice(config, "data.source", SOURCES)
-    _positive_int(config, "data.image_size", minimum=16)
-    _positive_int(config, "data.threads")
-    _positive_int(config, "data.workers", minimum=0)
-    _choice(config, "data.sampler", SAMPLERS)
-    _positive_int(config, "data.images_per_identity_in_batch")
+    c.choice("data.source", SOURCES)
+    c.positive_int("data.image_size", minimum=16)
+    c.positive_int("data.threads")
+    c.positive_int("data.workers", minimum=0)
+    c.choice("data.sampler", SAMPLERS)
+    c.positive_int("data.images_per_identity_in_batch")
     if config.data.sampler == "identity_balanced":
         k = config.data.images_per_identity_in_batch
-        _check(
+        c.that(
             config.global_batch_size % k == 0,
             "data.images_per_identity_in_batch",
             k,
             f"must divide global_batch_size ({config.global_batch_size})",
         )
-    for name in ("flip", "blur", "downup", "color_jitter", "grayscale"):
-        _in_range(config, f"data.augment.{name}", 0.0, 1.0)
-    if config.data.source == "synthetic":
-        _positive_int(config, "data.synthetic.num_identities")
-        _positive_int(config, "data.synthetic.images_per_identity")
-    else:
-        what = {
-            "recordio": "the folder with train.rec, train.idx and property",
-            "tfds": "the TFDS data_dir",
-            "folder": "the root of the identity folders",
-        }
-        _check(
-            bool(config.data.path),
-            "data.path",
-            config.data.path,
-            f"data.source={config.data.source!r} needs {what[config.data.source]}",
-        )
-        _check(os.path.isdir(config.data.path), "data.path", config.data.path, "no such directory")
-        if config.data.source == "tfds":
-            _check(
-                bool(config.data.tfds_name),
-                "data.tfds_name",
-                config.data.tfds_name,
-                "data.source='tfds' needs the dataset name given to pfc_jax.data.prepare",
-            )
+    for name in config.data.augment:
+        c.in_range(f"data.augment.{name}", 0.0, 1.0)
+    source = SOURCES[config.data.source]
+    if source.path:
+        path = config.data.path
+        c.that(bool(path), "data.path", path, f"data.source={config.data.source!r} needs {source.path}")
+        c.that(os.path.isdir(path), "data.path", path, "no such directory")
+    source.check(c)
 
-    _positive_int(config, "eval.every_steps", minimum=0)
-    _positive_int(config, "eval.batch_size")
+    c.positive_int("eval.every_steps", minimum=0)
+    c.positive_int("eval.batch_size")
     for name in bin_names(config.eval.bins):
         if name != SYNTHETIC:
             path = resolve_bin(name, config.eval.dir or config.data.path)
-            _check(
+            c.that(
                 path.is_file(),
                 "eval.bins",
                 config.eval.bins,
@@ -165,14 +144,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
                 "the .bin files, give a path ending in .bin, or use 'synthetic')",
             )
 
-    _positive_int(config, "log_every_steps")
-    _positive_int(config, "checkpoint_every_steps")
-    _positive_int(config, "keep_checkpoints")
-    _check(isinstance(config.tensorboard, bool), "tensorboard", config.tensorboard, "must be True or False")
+    c.positive_int("log_every_steps")
+    c.positive_int("checkpoint_every_steps")
+    c.positive_int("keep_checkpoints")
+    c.that(isinstance(config.tensorboard, bool), "tensorboard", config.tensorboard, "must be True or False")
 
 
 def validate_run_length(config, *, total_steps: int, warmup_steps: int) -> None:
     """Checks derived lengths once the dataset size is known."""
+    c = Check(config)
     if total_steps < 1:
         raise ConfigError(
             f"the run has {total_steps} steps: config.num_epochs = {config.num_epochs} over the "
@@ -180,10 +160,10 @@ def validate_run_length(config, *, total_steps: int, warmup_steps: int) -> None:
             "(raise --config.num_epochs or set --config.total_steps)"
         )
     if warmup_steps >= total_steps:
-        _fail(
+        c.fail(
             "schedule.warmup_epochs",
             config.schedule.warmup_epochs,
             f"warmup ({warmup_steps} steps) must be shorter than the run ({total_steps} steps)",
         )
     if config.stop_at_step > total_steps:
-        _fail("stop_at_step", config.stop_at_step, f"must be <= the run's {total_steps} steps (0 = no early stop)")
+        c.fail("stop_at_step", config.stop_at_step, f"must be <= the run's {total_steps} steps (0 = no early stop)")

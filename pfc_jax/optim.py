@@ -103,37 +103,52 @@ def write_index(index: jax.Array, keep: jax.Array, num_rows: int) -> jax.Array:
 # ---- from the run config -----------------------------------------------------------------
 
 
+def _polynomial(config, peak: float, decay_steps: int) -> optax.Schedule:
+    end = config.schedule.end_lr_factor * peak
+    return optax.polynomial_schedule(peak, end, config.schedule.power, decay_steps)
+
+
+def _cosine(config, peak: float, decay_steps: int) -> optax.Schedule:
+    return optax.cosine_decay_schedule(peak, decay_steps, alpha=config.schedule.end_lr_factor)
+
+
+def _constant(config, peak: float, decay_steps: int) -> optax.Schedule:
+    return optax.constant_schedule(peak)
+
+
+# config.schedule.name -> (config, peak lr, decay steps) -> the schedule after warmup.
+SCHEDULES = {"polynomial": _polynomial, "cosine": _cosine, "constant": _constant}
+
+
 def schedule(config, *, total_steps: int, warmup_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to ``config.optimizer.lr``, then polynomial / cosine / constant.
+    """Linear warmup from 0 to ``config.optimizer.lr``, then ``SCHEDULES[config.schedule.name]``.
 
     Polynomial is ``lr * (1 - t)^power`` over the post-warmup fraction ``t`` (arcface_torch's
-    PolyScheduler with power 2), floored at ``end_lr_factor * lr``.
+    PolyScheduler with power 2), floored at ``end_lr_factor * lr``; cosine decays to
+    ``end_lr_factor * lr``; constant stays at ``lr``.
     """
     peak = config.optimizer.lr
-    end = config.schedule.end_lr_factor * peak
-    decay_steps = max(total_steps - warmup_steps, 1)
-    name = config.schedule.name
-    if name == "polynomial":
-        decay = optax.polynomial_schedule(peak, end, config.schedule.power, decay_steps)
-    elif name == "cosine":
-        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.schedule.end_lr_factor)
-    elif name == "constant":
-        decay = optax.constant_schedule(peak)
-    else:
-        raise ValueError(f"unknown schedule {name!r}")
+    decay = SCHEDULES[config.schedule.name](config, peak, max(total_steps - warmup_steps, 1))
     if warmup_steps == 0:
         return decay
     warmup = optax.linear_schedule(0.0, peak, warmup_steps)
     return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
+def _sgd(o, learning_rate, weight_decay: float) -> optax.GradientTransformation:
+    return sgd(learning_rate, momentum=o.momentum, weight_decay=weight_decay, nesterov=o.nesterov)
+
+
+def _adamw(o, learning_rate, weight_decay: float) -> optax.GradientTransformation:
+    return adamw(learning_rate, weight_decay=weight_decay, b1=o.b1, b2=o.b2, eps=o.eps)
+
+
+# config.optimizer.name -> (config.optimizer, lr, weight decay) -> transform.
+OPTIMIZERS = {"sgd": _sgd, "adamw": _adamw}
+
+
 def _make(config, learning_rate, weight_decay: float) -> optax.GradientTransformation:
-    o = config.optimizer
-    if o.name == "sgd":
-        return sgd(learning_rate, momentum=o.momentum, weight_decay=weight_decay, nesterov=o.nesterov)
-    if o.name == "adamw":
-        return adamw(learning_rate, weight_decay=weight_decay, b1=o.b1, b2=o.b2, eps=o.eps)
-    raise ValueError(f"unknown optimizer {o.name!r}")
+    return OPTIMIZERS[config.optimizer.name](config.optimizer, learning_rate, weight_decay)
 
 
 def backbone_optimizer(config, learning_rate) -> optax.GradientTransformation:

@@ -15,6 +15,7 @@ batch (BatchNorm statistics are per micro-batch, as in PyTorch).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -23,7 +24,8 @@ import optax
 from flax import nnx
 
 from pfc_jax import sharding
-from pfc_jax.heads.partial_fc import HeadState, PartialFC
+from pfc_jax.heads import Head
+from pfc_jax.inference import normalize_images
 
 
 class TrainState(NamedTuple):
@@ -33,22 +35,25 @@ class TrainState(NamedTuple):
     params: dict  # backbone parameters
     batch_stats: dict  # backbone BatchNorm running statistics
     opt_state: Any  # backbone optimizer state
-    head: HeadState  # class centers and their optimizer state
+    head: Any  # the head's state (Partial FC: class centers and their optimizer state)
     rng: jax.Array  # uint32 key data; the step key is fold_in(rng, step)
 
 
-def normalize_images(images: jax.Array, dtype) -> jax.Array:
-    """uint8 [0, 255] -> [-1, 1], the convention of insightface models ((x - 127.5) / 127.5)."""
-    return ((images.astype(jnp.float32) - 127.5) / 127.5).astype(dtype)
+def _shape(x) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(jnp.shape(x), x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainStep:
     """One optimizer step of backbone + head.
 
+    Build it with :meth:`for_model`. The abstract state (shapes, dtypes, shardings) is
+    computed once, from the backbone's abstract variables and the head.
+
     Attributes:
       graphdef: the backbone's NNX graph (``nnx.split(model, nnx.Param, nnx.BatchStat)``).
-      head: the Partial FC head (its optimizer updates the centers).
+      backbone: ``(params, batch_stats)`` of the backbone as ``ShapeDtypeStruct`` trees.
+      head: the head (see :class:`pfc_jax.heads.Head`); its optimizer is its own.
       tx: the backbone's optax transform.
       schedule: the learning-rate schedule (for the ``lr`` metric).
       grad_accum_steps: micro-batches per step.
@@ -56,11 +61,20 @@ class TrainStep:
     """
 
     graphdef: Any
-    head: PartialFC
+    backbone: tuple[Any, Any]
+    head: Head
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     grad_accum_steps: int = 1
     dtype: Any = jnp.float32
+
+    @classmethod
+    def for_model(cls, model: nnx.Module, head: Head, tx, schedule, **kw) -> tuple[TrainStep, dict, dict]:
+        """``(train step, initial params, initial batch_stats)`` for an NNX backbone."""
+        graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
+        backbone = jax.tree.map(_shape, (params, batch_stats))
+        return cls(graphdef, backbone, head, tx, schedule, **kw), params, batch_stats
 
     @property
     def mesh(self):
@@ -80,32 +94,32 @@ class TrainStep:
             rng=jax.random.key_data(rng_key),
         )
 
-    def state_shardings(self, params: dict, batch_stats: dict) -> TrainState:
-        """Backbone and its optimizer replicated; centers and their row state split by rows."""
-        shapes = jax.eval_shape(self.init_state, params, batch_stats, jax.random.key(0))
+    @functools.cached_property
+    def state_shardings(self) -> TrainState:
+        """Backbone and its optimizer replicated; the head's state as the head lays it out."""
+        shapes = jax.eval_shape(self.init_state, *self.backbone, jax.random.key(0))
         whole = sharding.replicated(self.mesh)
+        replicate = lambda tree: jax.tree.map(lambda _: whole, tree)
         return TrainState(
             step=whole,
-            params=jax.tree.map(lambda _: whole, shapes.params),
-            batch_stats=jax.tree.map(lambda _: whole, shapes.batch_stats),
-            opt_state=jax.tree.map(lambda _: whole, shapes.opt_state),
+            params=replicate(shapes.params),
+            batch_stats=replicate(shapes.batch_stats),
+            opt_state=replicate(shapes.opt_state),
             head=self.head.state_shardings(),
             rng=whole,
         )
 
+    @functools.cached_property
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the state, for restoring a checkpoint."""
+        shapes = jax.eval_shape(self.init_state, *self.backbone, jax.random.key(0))
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings
+        )
+
     def init(self, params: dict, batch_stats: dict, key: jax.Array) -> TrainState:
         """:meth:`init_state` placed on the mesh (each device makes only its own rows)."""
-        out = self.state_shardings(params, batch_stats)
-        return jax.jit(self.init_state, out_shardings=out)(params, batch_stats, key)
-
-    def abstract_state(self, params: dict, batch_stats: dict) -> TrainState:
-        """Shapes, dtypes and shardings of the state, for restoring a checkpoint."""
-        shapes = jax.eval_shape(self.init_state, params, batch_stats, jax.random.key(0))
-        return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            shapes,
-            self.state_shardings(params, batch_stats),
-        )
+        return jax.jit(self.init_state, out_shardings=self.state_shardings)(params, batch_stats, key)
 
     # ---- the step ------------------------------------------------------------------------
 
@@ -118,81 +132,92 @@ class TrainStep:
     def _micro_major(self, x: jax.Array) -> jax.Array:
         """[B, ...] -> [K, B/K, ...] where micro-batch k takes slice k of every device's
         rows, so each micro-batch is spread over all devices and nothing moves."""
-        n, k = self.head.num_shards, self.grad_accum_steps
+        n, k = sharding.num_shards(self.mesh), self.grad_accum_steps
         rest = x.shape[1:]
         x = x.reshape(n, k, x.shape[0] // (n * k), *rest).swapaxes(0, 1)
         return x.reshape(k, -1, *rest)
+
+    def _update_backbone(self, state: TrainState, grads, batch_stats) -> TrainState:
+        """The backbone's optimizer step (the head's state is left as it is)."""
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        return state._replace(
+            params=optax.apply_updates(state.params, updates), batch_stats=batch_stats, opt_state=opt_state
+        )
 
     def __call__(self, state: TrainState, images: jax.Array, labels: jax.Array):
         """One step on ``images`` uint8 [B, H, W, 3] and ``labels`` int32 [B] (sharded on data)."""
         k_micro = self.grad_accum_steps
         head = self.head
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        sample_key, dropout_key = jax.random.split(key)
+        head_key, dropout_key = jax.random.split(key)
 
+        # The head sees the global batch in micro-batch-major order: micro-batch k is
+        # positions [k * B/K, (k + 1) * B/K) of `labels` (see Head.prepare).
         images, labels = self._micro_major(images), self._micro_major(labels)
-        sample = head.sample(labels.reshape(-1), sample_key)
-        rows, state_rows = head.gather(state.head, sample)
-        # Per-shard target blocks, split the same way as the batch: [shards, K, B/K].
-        targets = sample.target.reshape(head.num_shards, k_micro, -1)
+        head_params, context, step_metrics = head.prepare(state.head, labels.reshape(-1), head_key)
 
         def micro_step(carry, k):
-            batch_stats, g_params, g_rows, loss, accuracy = carry
+            batch_stats, g_params, g_head, loss = carry
             embed = lambda p: self.embed(p, batch_stats, images[k], jax.random.fold_in(dropout_key, k))
             embeddings, backward, batch_stats = jax.vjp(embed, state.params, has_aux=True)
-            (loss_k, metrics), (g_emb, g_rows_k) = jax.value_and_grad(head.loss, argnums=(0, 1), has_aux=True)(
-                embeddings, rows, sample._replace(target=targets[:, k].reshape(-1))
+            (loss_k, metrics_k), (g_emb, g_head_k) = jax.value_and_grad(head.micro_loss, argnums=(2, 0), has_aux=True)(
+                head_params, context, embeddings, k
             )
             (g_params_k,) = backward(g_emb)
-            carry = (
-                batch_stats,
-                jax.tree.map(jnp.add, g_params, g_params_k),
-                g_rows + g_rows_k,
-                loss + loss_k,
-                accuracy + metrics["accuracy"],
-            )
-            return carry, metrics
+            add = lambda a, b: jax.tree.map(jnp.add, a, b)
+            return (batch_stats, add(g_params, g_params_k), add(g_head, g_head_k), loss + loss_k), metrics_k
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        carry = (state.batch_stats, zeros, jnp.zeros_like(rows), jnp.zeros(()), jnp.zeros(()))
+        zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+        carry = (state.batch_stats, zeros(state.params), zeros(head_params), jnp.zeros(()))
         if k_micro == 1:
-            carry, head_metrics = micro_step(carry, 0)
+            (batch_stats, g_params, g_head, loss), micro_metrics = micro_step(carry, 0)
         else:
-            carry, per_micro = jax.lax.scan(micro_step, carry, jnp.arange(k_micro))
-            head_metrics = {
-                "sampled_classes": per_micro["sampled_classes"][0],  # one sample per step
-                "invalid_labels": per_micro["invalid_labels"].sum(),
-            }
-        batch_stats, g_params, g_rows, loss, accuracy = carry
-        g_params = jax.tree.map(lambda g: g / k_micro, g_params)
+            (batch_stats, g_params, g_head, loss), per_micro = jax.lax.scan(micro_step, carry, jnp.arange(k_micro))
+            micro_metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), per_micro)
+        mean = lambda tree: jax.tree.map(lambda g: g / k_micro, tree)
+        g_params, g_head = mean(g_params), mean(g_head)
 
-        updates, opt_state = self.tx.update(g_params, state.opt_state, state.params)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            batch_stats=batch_stats,
-            opt_state=opt_state,
-            head=head.apply_gradients(state.head, sample, rows, state_rows, g_rows / k_micro),
-            rng=state.rng,
-        )
+        new_state = self._update_backbone(state, g_params, batch_stats)
+        new_state = new_state._replace(step=state.step + 1, head=head.update(state.head, head_params, context, g_head))
         metrics = {
             "loss": loss / k_micro,
-            "accuracy": accuracy / k_micro,
+            **micro_metrics,  # per micro-batch figures (accuracy): their mean
+            **step_metrics,  # per step figures (sampled_classes, invalid_labels)
             "lr": jnp.asarray(self.schedule(state.step), jnp.float32),
             "grad_norm": optax.tree.norm(g_params),
-            "head_grad_norm": optax.tree.norm(g_rows) / k_micro,
-            "sampled_classes": head_metrics["sampled_classes"],
-            "invalid_labels": head_metrics["invalid_labels"],
+            "head_grad_norm": optax.tree.norm(g_head),
         }
         return new_state, metrics
 
-    def jit(self, params: dict, batch_stats: dict):
+    def jit(self):
         """The step under ``jax.jit`` with explicit shardings; the state is donated."""
-        state = self.state_shardings(params, batch_stats)
+        state = self.state_shardings
         batch, whole = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
         return jax.jit(
             self.__call__,
             in_shardings=(state, batch, batch),
             out_shardings=(state, whole),
             donate_argnums=(0,),
+        )
+
+    # ---- the backbone alone (benchmark) ----------------------------------------------------
+
+    def backbone_step(self, state: TrainState, images: jax.Array):
+        """The backbone's part of :meth:`__call__` alone: forward, backward of a stand-in
+        loss (mean squared embedding) and its optimizer update; ``state.head`` may be None.
+        What the head adds to a step is the difference between the two."""
+
+        def loss(params):
+            embeddings, stats = self.embed(params, state.batch_stats, images, jax.random.key(0))
+            return jnp.mean(jnp.square(embeddings.astype(jnp.float32))), stats
+
+        grads, batch_stats = jax.grad(loss, has_aux=True)(state.params)
+        return self._update_backbone(state, grads, batch_stats)._replace(step=state.step + 1), {}
+
+    def jit_backbone_step(self):
+        """:meth:`backbone_step` compiled like :meth:`jit`, for a state whose head is None."""
+        state = self.state_shardings._replace(head=None)
+        batch = sharding.batch_sharding(self.mesh)
+        return jax.jit(
+            self.backbone_step, in_shardings=(state, batch), out_shardings=(state, None), donate_argnums=(0,)
         )

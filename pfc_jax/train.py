@@ -12,26 +12,23 @@ import pathlib
 import signal
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from pfc_jax import checkpoint, evaluation, models, optim, sharding
+from pfc_jax import checkpoint, evaluation, heads, models, optim, sharding
 from pfc_jax.config_validation import validate, validate_run_length
 from pfc_jax.data import pipeline
 from pfc_jax.data.augment import Augment
-from pfc_jax.data.sources import make_source
-from pfc_jax.heads.margins import CombinedMargin
-from pfc_jax.heads.partial_fc import PartialFC
+from pfc_jax.data.sources import SourceError, make_source
+from pfc_jax.errors import RunError
 from pfc_jax.inference import Embedder
+from pfc_jax.models import ModelSpec
 from pfc_jax.reporting import Reporter
 from pfc_jax.step import TrainState, TrainStep
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunError):
     """The loss became NaN/Inf; the message names the step, the last good checkpoint and fixes."""
 
 
@@ -66,6 +63,7 @@ class Setup:
     """Everything built from a config before the state exists."""
 
     trainer: TrainStep
+    spec: ModelSpec
     params: dict  # initial backbone parameters
     batch_stats: dict
     num_params: int
@@ -78,56 +76,27 @@ def build(config, mesh, *, num_classes: int, num_examples: int) -> Setup:
     """Model, head, optimizers and the step for ``config`` on ``mesh``."""
     total_steps, warmup_steps = run_length(config, num_examples)
     validate_run_length(config, total_steps=total_steps, warmup_steps=warmup_steps)
-    dtype = DTYPES[config.dtype]
-    model = models.create(
-        config.model.name,
-        embedding_dim=config.model.embedding_dim,
-        image_size=config.data.image_size,
-        dropout=config.model.dropout,
-        dtype=dtype,
-        seed=config.seed,
-    )
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    spec = ModelSpec.from_config(config)
+    model = spec.create(config.seed)
     lr = optim.schedule(config, total_steps=total_steps, warmup_steps=warmup_steps)
-    head = PartialFC(
-        mesh,
-        num_classes=num_classes,
-        embedding_dim=config.model.embedding_dim,
-        sample_rate=config.head.sample_rate,
-        margin=CombinedMargin(**config.head.margin.to_dict()),
-        optimizer=optim.head_optimizer(config, lr),
-        logits_dtype=DTYPES[config.head.logits_dtype],
-    )
-    trainer = TrainStep(
-        graphdef,
+    head = heads.HEADS[config.head.name].build(config, mesh, num_classes=num_classes, learning_rate=lr)
+    trainer, params, batch_stats = TrainStep.for_model(
+        model,
         head,
         optim.backbone_optimizer(config, lr),
         lr,
         grad_accum_steps=config.grad_accum_steps,
-        dtype=dtype,
+        dtype=spec.compute_dtype,
     )
     meta = {
-        "model": {
-            "name": config.model.name,
-            "embedding_dim": config.model.embedding_dim,
-            "image_size": config.data.image_size,
-            "dropout": config.model.dropout,
-        },
+        "model": spec.to_dict(),
+        "head": config.head.name,
         "num_classes": num_classes,
         "num_devices": mesh.size,
-        "num_classes_padded": head.num_classes_padded,
         "global_batch_size": config.global_batch_size,
         "total_steps": total_steps,
     }
-    return Setup(
-        trainer,
-        nnx.to_pure_dict(params),
-        nnx.to_pure_dict(batch_stats),
-        models.count_params(model),
-        total_steps,
-        warmup_steps,
-        meta,
-    )
+    return Setup(trainer, spec, params, batch_stats, models.count_params(model), total_steps, warmup_steps, meta)
 
 
 class _Preemption:
@@ -171,16 +140,23 @@ def _global_batch(mesh, images: np.ndarray, labels: np.ndarray):
 
 
 def _check_restored(meta: dict, setup: Setup, step: int, directory) -> None:
-    for key in ("num_classes",):
-        if meta[key] != setup.meta[key]:
-            raise checkpoint.CheckpointError(
-                f"checkpoint step {step} in {directory} has {key}={meta[key]}, this run's "
-                f"dataset has {setup.meta[key]}: use the same dataset or a new --workdir"
-            )
-    if meta["model"] != setup.meta["model"]:
+    where = f"checkpoint step {step} in {directory}"
+    if meta["num_classes"] != setup.meta["num_classes"]:
         raise checkpoint.CheckpointError(
-            f"checkpoint step {step} in {directory} was written by model {meta['model']}, "
-            f"this config builds {setup.meta['model']}: use the same model or a new --workdir"
+            f"{where} has num_classes={meta['num_classes']}, this run's dataset has "
+            f"{setup.meta['num_classes']} (use the same dataset or a new --workdir)"
+        )
+    saved = checkpoint.read_spec(meta)
+    if not saved.same_network(setup.spec):
+        raise checkpoint.CheckpointError(
+            f"{where} was written by model {saved}, this config builds {setup.spec} "
+            "(use the same model or a new --workdir)"
+        )
+    head = meta.get("head", "partial_fc")  # checkpoints of 0.1.0 name no head: Partial FC
+    if head != setup.meta["head"]:
+        raise checkpoint.CheckpointError(
+            f"{where} was written by head {head!r}, this config uses {setup.meta['head']!r} "
+            "(use the same head or a new --workdir)"
         )
 
 
@@ -210,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     latest = ckpt.latest_step()
     if latest is not None:
         _check_restored(ckpt.read_meta(latest), setup, latest, ckpt.directory)
-        state, data_state, _ = ckpt.restore(latest, trainer.abstract_state(setup.params, setup.batch_stats))
+        state, data_state, _ = ckpt.restore(latest, trainer.abstract_state)
         loader.restore(data_state)
         what = f"resumed from checkpoint step {latest}"
     else:
@@ -230,9 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         f"{what} in {workdir}: {config.model.name} ({setup.num_params:,} parameters), "
         f"{source.num_classes:,} classes on {mesh.size} device(s) "
         + (f"in {jax.process_count()} processes " if jax.process_count() > 1 else "")
-        + f"({trainer.head.num_local:,} centers each, {trainer.head.num_sample(config.global_batch_size):,} "
-        f"sampled per step), {len(source):,} images, steps {start_step} -> {end_step} of "
-        f"{setup.total_steps}"
+        + f"({trainer.head.describe(config.global_batch_size)}), {len(source):,} images, "
+        f"steps {start_step} -> {end_step} of {setup.total_steps}"
     )
     if start_step >= end_step:
         reporter.message(f"nothing to do: the checkpoint is at step {start_step}")
@@ -249,7 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     # ---- Compile (once, ahead of time) -------------------------------------------------
     images, labels = _global_batch(mesh, *next(loader))
-    compiled = trainer.jit(setup.params, setup.batch_stats).lower(state, images, labels).compile()
+    compiled = trainer.jit().lower(state, images, labels).compile()
     memory = compiled.memory_analysis()
     if memory is not None:
         reporter.message(
@@ -280,9 +255,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 metrics = jax.device_get(metrics)
                 _check_finite(metrics, step, last_saved, ckpt)
                 if int(metrics["invalid_labels"]):
-                    raise ValueError(
+                    raise SourceError(
                         f"step {step}: {int(metrics['invalid_labels'])} labels outside "
-                        f"[0, {source.num_classes}): the dataset's labels do not match its class count"
+                        f"[0, {source.num_classes}): the dataset's labels do not match its class count (check its "
+                        "property file or rebuild the dataset)"
                     )
                 if log_now:
                     reporter.log(step, metrics)

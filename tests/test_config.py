@@ -39,7 +39,7 @@ def test_recipes_only_override_declared_fields():
     [
         ("head.sample_rate", 1.5, r"config\.head\.sample_rate = 1\.5: must be in \[0\.0, 1\.0\]"),
         ("global_batch_size", 60, r"global_batch_size = 60: must be a multiple of .* 1 x 8 = 8"),
-        ("model.name", "resnet9", r"model\.name = 'resnet9': unknown backbone; choose one of .*iresnet50"),
+        ("model.name", "resnet9", r"model\.name = 'resnet9': must be one of .*iresnet50"),
         ("dtype", "float16", r"dtype = 'float16': must be one of float32, bfloat16"),
         ("optimizer.name", "lamb", r"optimizer\.name = 'lamb'"),
         ("optimizer.lr", 0.0, r"optimizer\.lr = 0\.0: must be in \(0\.0"),

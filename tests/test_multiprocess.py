@@ -165,7 +165,7 @@ def test_checkpoint_restores_in_one_process(runs):
     from pfc_jax import sharding, train
 
     setup = train.build(recipes.load("synthetic", TINY), sharding.make_mesh(), num_classes=37, num_examples=148)
-    abstract = setup.trainer.abstract_state(setup.params, setup.batch_stats)
+    abstract = setup.trainer.abstract_state
     restored = {}
     for name in ("mp", "sp"):
         ckpt = checkpoint.Checkpointer(runs[name] / "checkpoints")
@@ -175,8 +175,8 @@ def test_checkpoint_restores_in_one_process(runs):
         restored[name] = jax.tree.map(np.asarray, state)
     assert_trees_close(restored["mp"], restored["sp"])
 
-    model, meta = checkpoint.load_backbone(runs["mp"])
-    assert meta["step"] == 6 and model(np.zeros((2, 32, 32, 3), np.float32), train=False).shape == (2, 16)
+    model, _, step = checkpoint.load_backbone(runs["mp"])
+    assert step == 6 and model(np.zeros((2, 32, 32, 3), np.float32), train=False).shape == (2, 16)
 
     workdir = runs["base"] / "mp_on_1"
     shutil.copytree(runs["mp"], workdir)

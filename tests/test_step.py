@@ -57,7 +57,7 @@ def test_gradient_accumulation_equals_one_big_step():
         c = config(grad_accum_steps=k)
         setup, state = setup_and_state(c)
         images, labels = batch(c)
-        step = setup.trainer.jit(setup.params, setup.batch_stats)
+        step = setup.trainer.jit()
         for _ in range(2):
             state, metrics = step(state, images, labels)
         results.append((jax.tree.map(np.asarray, state), jax.device_get(metrics)))
@@ -75,7 +75,7 @@ def test_step_learns_compiles_once_and_counts():
     c = config()
     setup, state = setup_and_state(c)
     traced = chex.assert_max_traces(setup.trainer.__call__, n=1)
-    shardings = setup.trainer.state_shardings(setup.params, setup.batch_stats)
+    shardings = setup.trainer.state_shardings
     data = sharding.batch_sharding(setup.trainer.mesh)
     step = jax.jit(traced, in_shardings=(shardings, data, data), donate_argnums=(0,))
     images, labels = batch(c)
@@ -94,7 +94,7 @@ def test_bfloat16_step_keeps_float32_state():
     c = config(dtype="bfloat16", model__name="iresnet_narrow", data__image_size=32)
     setup, state = setup_and_state(c)
     images, labels = batch(c)
-    state, metrics = setup.trainer.jit(setup.params, setup.batch_stats)(state, images, labels)
+    state, metrics = setup.trainer.jit()(state, images, labels)
     assert np.isfinite(float(metrics["loss"]))
     assert metrics["loss"].dtype == jnp.float32
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
@@ -111,7 +111,7 @@ def test_clipping_bounds_the_backbone_update():
     )
     setup, state = setup_and_state(c)
     images, labels = batch(c)
-    new, metrics = setup.trainer.jit(setup.params, setup.batch_stats)(jax.tree.map(jnp.copy, state), images, labels)
+    new, metrics = setup.trainer.jit()(jax.tree.map(jnp.copy, state), images, labels)
     delta = optax.tree.norm(jax.tree.map(lambda a, b: a - b, new.params, state.params))
     assert float(metrics["grad_norm"]) > 1e-2  # the raw gradient is much larger
     np.testing.assert_allclose(float(delta), 1e-3, rtol=1e-4)

@@ -143,7 +143,7 @@ def test_restore_reshards_centers_in_process(runs):
     for n in (8, 4, 1):
         mesh = sharding.make_mesh(jax.devices()[:n])
         setup = train.build(config, mesh, num_classes=37, num_examples=148)
-        abstract = setup.trainer.abstract_state(setup.params, setup.batch_stats)
+        abstract = setup.trainer.abstract_state
         state, data, meta = ckpt.restore(6, abstract)
         assert state.head.centers.shape[0] == setup.trainer.head.num_classes_padded
         assert len(state.head.centers.sharding.device_set) == n
@@ -161,8 +161,8 @@ def test_restore_reshards_centers_in_process(runs):
 
 
 def test_backbone_export_loads_without_centers(runs):
-    model, meta = checkpoint.load_backbone(runs["a"])
-    assert meta["step"] == 12 and meta["model"]["name"] == "iresnet_narrow"
+    model, spec, step = checkpoint.load_backbone(runs["a"])
+    assert step == 12 and spec.name == "iresnet_narrow"
     y = model(np.zeros((2, 32, 32, 3), np.float32), train=False)
     assert y.shape == (2, 16) and np.isfinite(y).all()
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint for step 5"):

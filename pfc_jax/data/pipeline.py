@@ -72,6 +72,16 @@ class _BalancedOrder:
         return int(self._batch(b)[j])
 
 
+# config.data.sampler -> (source, global batch, images per identity, seed) -> the order
+# of positions (position -> example index).
+SAMPLERS = {
+    "uniform": lambda source, global_batch, k, seed: _UniformOrder(len(source), seed),
+    "identity_balanced": lambda source, global_batch, k, seed: _BalancedOrder(
+        np.asarray(source.labels()), global_batch, k, seed
+    ),
+}
+
+
 @dataclasses.dataclass
 class _Load:
     """Local index -> (image, label): global position, example, decode, augment."""
@@ -181,16 +191,11 @@ def make_iterator(
             f"the dataset has {len(source)} examples, fewer than one global batch of "
             f"{global_batch}; lower config.global_batch_size"
         )
-    if sampler == "uniform":
-        order = _UniformOrder(len(source), seed)
-    elif sampler == "identity_balanced":
-        if global_batch % images_per_identity:
-            raise ValueError(
-                f"global batch {global_batch} is not a multiple of images_per_identity {images_per_identity}"
-            )
-        order = _BalancedOrder(np.asarray(source.labels()), global_batch, images_per_identity, seed)
-    else:
-        raise ValueError(f"unknown sampler {sampler!r} (uniform | identity_balanced)")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r} (choose one of {', '.join(SAMPLERS)})")
+    if sampler == "identity_balanced" and global_batch % images_per_identity:
+        raise ValueError(f"global batch {global_batch} is not a multiple of images_per_identity {images_per_identity}")
+    order = SAMPLERS[sampler](source, global_batch, images_per_identity, seed)
     local = global_batch // process_count
     load = _Load(source, order, global_batch, local, process_index, image_size, augment, seed)
     if workers > 0:

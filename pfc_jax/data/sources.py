@@ -15,14 +15,19 @@ cheaply, so data-loader worker processes can carry them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+
+from pfc_jax.errors import InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """A dataset that cannot be opened as asked; the message says why and what to do."""
 
 
@@ -124,19 +129,57 @@ class TFDSDataset:
         return np.asarray([int(source[i]["label"]) for i in range(len(self))], np.int32)
 
 
-def make_source(data_config):
-    """The source named by a run's ``config.data``."""
-    from pfc_jax.data.recordio import RecordIODataset
+def _synthetic(d):
     from pfc_jax.data.synthetic import SyntheticIdentities
 
-    d = data_config
-    if d.source == "synthetic":
-        s = d.synthetic
-        return SyntheticIdentities(s.num_identities, s.images_per_identity, image_size=d.image_size, seed=s.seed)
-    if d.source == "recordio":
-        return RecordIODataset(d.path)
-    if d.source == "folder":
-        return ImageFolder(d.path)
-    if d.source == "tfds":
-        return TFDSDataset(d.path, d.tfds_name)
-    raise SourceError(f"unknown data source {d.source!r}")
+    s = d.synthetic
+    return SyntheticIdentities(s.num_identities, s.images_per_identity, image_size=d.image_size, seed=s.seed)
+
+
+def _recordio(d):
+    from pfc_jax.data.recordio import RecordIODataset
+
+    return RecordIODataset(d.path)
+
+
+def _check_synthetic(c) -> None:
+    c.positive_int("data.synthetic.num_identities")
+    c.positive_int("data.synthetic.images_per_identity")
+
+
+def _check_tfds(c) -> None:
+    name = c.config.data.tfds_name
+    c.that(
+        bool(name), "data.tfds_name", name, "data.source='tfds' needs the dataset name given to pfc_jax.data.prepare"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceEntry:
+    """A registered data source.
+
+    Attributes:
+      open: ``open(config.data) -> source``.
+      path: what ``config.data.path`` must name ("" when the source reads no files).
+      check: ``check(c)`` validates the source's other fields (a config_validation.Check).
+    """
+
+    open: Callable[[Any], Any]
+    path: str = ""
+    check: Callable[[Any], None] = lambda c: None
+
+
+# config.data.source -> entry; config validation and the trainer read this.
+SOURCES: dict[str, SourceEntry] = {
+    "synthetic": SourceEntry(_synthetic, check=_check_synthetic),
+    "recordio": SourceEntry(_recordio, "the folder with train.rec, train.idx and property"),
+    "tfds": SourceEntry(lambda d: TFDSDataset(d.path, d.tfds_name), "the TFDS data_dir", _check_tfds),
+    "folder": SourceEntry(lambda d: ImageFolder(d.path), "the root of the identity folders"),
+}
+
+
+def make_source(data_config):
+    """The source named by a run's ``config.data`` (see :data:`SOURCES`)."""
+    if data_config.source not in SOURCES:
+        raise SourceError(f"unknown data source {data_config.source!r} (choose one of {', '.join(SOURCES)})")
+    return SOURCES[data_config.source].open(data_config)

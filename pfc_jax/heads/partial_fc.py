@@ -1,6 +1,6 @@
 """Partial FC: a margin-softmax head whose class centers are sharded over all devices.
 
-One head step, all inside one ``jit`` (see ``DESIGN.md``, "The train step"):
+One head step, all inside one ``jit`` (see ``docs/design.md``, "The train step"):
 
 1. ``sample``: each shard picks its columns (every positive it owns + random negatives).
 2. ``gather``: the picked rows of the centers and of their optimizer state.
@@ -10,7 +10,9 @@ One head step, all inside one ``jit`` (see ``DESIGN.md``, "The train step"):
 4. ``apply_gradients``: the optimizer on the gathered rows, scattered back in place.
 
 :meth:`PartialFC.step` chains them and returns the gradient w.r.t. the embeddings, for
-the backbone's backward pass. The trainer and the benchmark both call it.
+the backbone's backward pass. The trainer calls them through the head contract
+(:class:`pfc_jax.heads.Head`: ``prepare`` = sample + gather, ``micro_loss`` = loss on one
+micro-batch, ``update`` = apply_gradients); the benchmark calls :meth:`PartialFC.step`.
 
 Global arrays produced per shard (the sample, the gathered rows) are laid out as the
 shards' blocks concatenated along axis 0 and sharded on ``data``.
@@ -28,7 +30,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from pfc_jax import sharding
+from pfc_jax import heads, models, optim, sharding
 from pfc_jax.heads import sampler
 from pfc_jax.heads.margins import CombinedMargin
 from pfc_jax.optim import SparseRows, write_index
@@ -284,6 +286,35 @@ class PartialFC:
         )(state.centers, state.opt_state, sample.index, sample.active, new_rows, new_state_rows)
         return HeadState(centers, opt_state)
 
+    # ---- the trainer's contract (pfc_jax.heads.Head) ----------------------------------
+
+    def prepare(self, state: HeadState, labels: jax.Array, key: jax.Array):
+        """Sample and gather: ``(rows, (sample, state_rows), metrics)``."""
+        sample = self.sample(labels, key)
+        rows, state_rows = self.gather(state, sample)
+        metrics = {
+            "sampled_classes": jnp.sum(sample.active),
+            "invalid_labels": jnp.sum((labels < 0) | (labels >= self.num_classes)),
+        }
+        return rows, (sample, state_rows), metrics
+
+    def micro_loss(self, rows: jax.Array, context, embeddings: jax.Array, micro):
+        """:meth:`loss` of micro-batch ``micro``: its examples' targets are slice ``micro``
+        of every shard's target block (see :meth:`pfc_jax.heads.Head.prepare`)."""
+        sample, _ = context
+        per_shard = sample.target.reshape(self.num_shards, -1)
+        k = per_shard.shape[1] // embeddings.shape[0]  # micro-batches per step
+        target = per_shard.reshape(self.num_shards, k, -1)[:, micro].reshape(-1)
+        loss, metrics = self.loss(embeddings, rows, sample._replace(target=target))
+        return loss, {"accuracy": metrics["accuracy"]}
+
+    def update(self, state: HeadState, rows: jax.Array, context, grads: jax.Array) -> HeadState:
+        sample, state_rows = context
+        return self.apply_gradients(state, sample, rows, state_rows, grads)
+
+    def describe(self, global_batch: int) -> str:
+        return f"{self.num_local:,} centers each, {self.num_sample(global_batch):,} sampled per step"
+
     # ---- the whole step --------------------------------------------------------------
 
     def step(self, state: HeadState, embeddings: jax.Array, labels: jax.Array, key: jax.Array):
@@ -298,13 +329,7 @@ class PartialFC:
         Returns:
           ``(new_state, grad_embeddings, metrics)``; ``metrics["loss"]`` is the loss.
         """
-        sample = self.sample(labels, key)
-        rows, state_rows = self.gather(state, sample)
-        (loss, metrics), (grad_embeddings, grad_rows) = jax.value_and_grad(self.loss, argnums=(0, 1), has_aux=True)(
-            embeddings, rows, sample
-        )
-        state = self.apply_gradients(state, sample, rows, state_rows, grad_rows)
-        return state, grad_embeddings, {"loss": loss, **metrics}
+        return heads.step(self, state, embeddings, labels, key)
 
     def jit_step(self):
         """:meth:`step` compiled with explicit shardings and the state donated."""
@@ -317,3 +342,34 @@ class PartialFC:
             out_shardings=(state, batch, whole),
             donate_argnums=(0,),
         )
+
+
+# ---- from a run's config ---------------------------------------------------------------
+
+
+def from_config(config, mesh: Mesh, *, num_classes: int, learning_rate) -> PartialFC:
+    """The head ``config.head`` describes (``name = "partial_fc"``)."""
+    h = config.head
+    return PartialFC(
+        mesh,
+        num_classes=num_classes,
+        embedding_dim=config.model.embedding_dim,
+        sample_rate=h.sample_rate,
+        margin=CombinedMargin(**h.margin.to_dict()),
+        optimizer=optim.head_optimizer(config, learning_rate),
+        logits_dtype=models.DTYPES[h.logits_dtype],
+    )
+
+
+def check_config(c) -> None:
+    """The ``config.head`` fields of Partial FC (``c``: a config_validation.Check)."""
+    c.in_range("head.sample_rate", 0.0, 1.0)
+    c.in_range("head.weight_decay", 0.0, float("inf"))
+    c.choice("head.logits_dtype", models.DTYPES)
+    try:
+        CombinedMargin(**c.config.head.margin.to_dict())
+    except (ValueError, TypeError) as e:
+        c.fail_group("head.margin", e)
+
+
+ENTRY = heads.HeadEntry(build=from_config, check=check_config)

@@ -6,6 +6,7 @@ Every backbone maps normalized images [N, H, W, 3] (float, [-1, 1]) to embedding
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -61,6 +62,72 @@ BACKBONES: dict[str, Callable[..., nnx.Module]] = {
     ),
     "mlp": _no_dropout(MLP),
 }
+
+
+# Compute dtypes by name (config.dtype, config.head.logits_dtype).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build a backbone: the one description of a model.
+
+    Built from a run's config (:meth:`from_config`), saved in every checkpoint's metadata
+    (:meth:`to_dict`) and read back by every consumer (:meth:`from_dict`: resume,
+    inference, evaluation, export), so that they all build the same network.
+
+    Attributes:
+      name: a key of :data:`BACKBONES`.
+      embedding_dim: size of the embedding.
+      image_size: side of the square input images.
+      dropout: dropout rate before the final FC (backbones that have one).
+      dtype: training compute dtype, a key of :data:`DTYPES` (parameters stay float32).
+        It does not change the parameters: a checkpoint loads under any dtype.
+    """
+
+    name: str
+    embedding_dim: int
+    image_size: int = 112
+    dropout: float = 0.0
+    dtype: str = "float32"
+
+    @classmethod
+    def from_config(cls, config) -> ModelSpec:
+        m = config.model
+        return cls(m.name, m.embedding_dim, config.data.image_size, m.dropout, config.dtype)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        """From :meth:`to_dict`; also reads the metadata of checkpoints written before the
+        spec existed (no ``dtype``: float32)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model fields {sorted(unknown)} (written by a newer pfc_jax?)")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def same_network(self, other: ModelSpec) -> bool:
+        """True when both build the same parameters (the compute dtype may differ)."""
+        return dataclasses.replace(self, dtype=other.dtype) == other
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    def create(self, seed: int = 0, *, dtype: str | None = None) -> nnx.Module:
+        """The backbone with parameters initialized from ``seed``, computing in ``dtype``
+        (default: the spec's; inference uses float32)."""
+        return create(
+            self.name,
+            embedding_dim=self.embedding_dim,
+            image_size=self.image_size,
+            dropout=self.dropout,
+            dtype=DTYPES[dtype or self.dtype],
+            seed=seed,
+        )
 
 
 def create(
