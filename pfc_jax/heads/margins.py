@@ -9,14 +9,25 @@ Two numerical choices worth knowing:
 * **Beyond ``m1 * theta + m2 > pi``** the cosine would start rising again (a larger
   angle would *lower* the loss). There the target logit continues as
   ``cos(theta) - cos(theta_c) - 1 - m3`` with ``theta_c = (pi - m2) / m1``: continuous at
-  ``theta_c`` and monotone in ``cos(theta)``. (insightface's ArcFace uses
-  ``cos(theta) - m * sin(m)`` there, which jumps by ~0.12 at the boundary for m = 0.5.)
+  ``theta_c`` and monotone in ``cos(theta)``.
 * **Gradient mode.** ``"exact"`` differentiates the margin function. Its slope
   ``m1 * sin(m1 * theta + m2) / sin(theta)`` grows without bound as ``cos(theta) -> 1``;
   it is kept finite (at most ~1.5e3 for ArcFace m = 0.5) by flooring ``sin(theta)^2`` at the
   fp32 resolution. ``"straight_through"`` applies the margin to the value only and passes
-  the gradient of ``cos(theta)`` unchanged, which is what insightface's arcface_torch
-  does (it edits the logits in place under ``no_grad``).
+  the gradient of ``cos(theta)`` unchanged.
+
+What insightface's arcface_torch does (``losses.py``, ``CombinedMarginLoss`` and its
+``ArcFace`` class since December 2022): for ArcFace it takes ``arccos`` of the logits,
+adds ``m2`` to the target angle and takes ``cos``, in place under ``torch.no_grad``.
+That is ``cos(theta + m2)`` everywhere, with no branch at the critical angle (continuous,
+rising again past it: a larger angle gives a larger logit), and a straight-through
+gradient (autograd never sees the in-place edits, so the loss is differentiated as if
+the logits were still ``cos(theta)``). Its CosFace (``m3 > 0``) is
+``cos(theta) - m3`` with the ordinary gradient, which is 1 as here. It supports only
+these two cases (it ignores ``m1`` and ``m2`` when ``m3 > 0``). The value that *jumps*
+at the critical angle, ``cos(theta) - m2 * sin(m2)`` past it (down by ~0.12 for
+m2 = 0.5), belongs to the older implementations: arcface_torch's ``losses.py`` during
+2022 before that change and insightface's MXNet ArcFace.
 
 Inter-class filtering (``interclass_filtering_threshold > 0``, from arcface_torch):
 non-target cosines above the threshold are likely label noise or duplicate identities;
