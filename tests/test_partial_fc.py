@@ -1,5 +1,7 @@
 """The sharded Partial FC head against a dense single-device reference."""
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -89,6 +91,32 @@ def test_full_softmax_equals_dense_reference(num_devices, margin_name):
     np.testing.assert_array_equal(np.asarray(g_rows)[NUM_CLASSES:], 0.0)
     assert int(metrics["sampled_classes"]) == NUM_CLASSES
     assert int(metrics["invalid_labels"]) == 0
+
+
+@pytest.mark.parametrize("gradient", ["exact", "straight_through"])
+def test_arcface_torch_margin_semantics_match_dense_reference(gradient):
+    """past_critical="cos" through the whole head, with target angles past pi - m."""
+    margin = margins.arcface(past_critical="cos", gradient=gradient)
+    head = make_head(4, 1.0, margin)
+    state, embeddings, labels = inputs(head, seed=2)
+    centers = np.asarray(state.centers)[:NUM_CLASSES]
+    # Half the rows point away from their own center: target angles near pi.
+    flip = np.where(np.arange(BATCH) % 2 == 0, -1.0, 1.0)[:, None]
+    emb = np.where(flip < 0, -centers[np.asarray(labels)] + 0.1 * np.asarray(embeddings), np.asarray(embeddings))
+    embeddings = jax.device_put(jnp.asarray(emb, jnp.float32), sharding.batch_sharding(head.mesh))
+    loss, _, (g_emb, g_rows), _ = head_loss_and_grads(head, state, embeddings, labels, jax.random.key(1))
+
+    x, w = emb / np.linalg.norm(emb, axis=1, keepdims=True), centers / np.linalg.norm(centers, axis=1, keepdims=True)
+    target_cos = np.sum(x * w[np.asarray(labels)], axis=1)
+    assert (target_cos < -math.cos(0.5)).sum() >= BATCH // 4  # theta + m > pi for these rows
+
+    ref = lambda e, c: reference.dense_loss(
+        e, c, labels, m2=0.5, past="cos", straight_through=gradient == "straight_through"
+    )
+    ref_loss, (ref_g_emb, ref_g_centers) = jax.value_and_grad(ref, argnums=(0, 1))(emb, centers)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(g_emb, ref_g_emb, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(g_rows)[:NUM_CLASSES], ref_g_centers, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
