@@ -42,7 +42,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.head.margin.m1 = 1.0
     c.head.margin.m2 = 0.5
     c.head.margin.m3 = 0.0
-    c.head.margin.gradient = "exact"  # exact | straight_through (arcface_torch's)
+    # exact: differentiate the margin; straight_through: the gradient of cos(theta), as
+    # arcface_torch (which applies the margin under no_grad).
+    c.head.margin.gradient = "exact"
+    # Target value past m1*theta + m2 = pi. monotone: continued linearly in cos(theta) so a
+    # larger angle never gives a larger logit; cos: cos(m1*theta + m2) there too, as
+    # arcface_torch computes it (rising again). No effect without an angular margin (CosFace).
+    c.head.margin.past_critical = "monotone"
     c.head.margin.interclass_filtering_threshold = 0.0  # 0 disables
 
     # Optimizer for the backbone; the centers use the same kind and learning rate.

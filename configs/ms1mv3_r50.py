@@ -1,8 +1,12 @@
 """MS1MV3 (ms1m-retinaface-t1): 93,431 identities, 5,179,510 images; iResNet-50, ArcFace.
 
 The arcface_torch recipe for this dataset (8 GPUs x 128 images, SGD, polynomial decay),
-in bfloat16. The dataset path has no default: point it at the folder with train.rec,
-train.idx and property:
+in bfloat16, with arcface_torch's margin semantics: a straight-through gradient and the
+target value as arcface_torch computes it (cos(m1*theta + m2) - m3 everywhere, no special
+branch past the critical angle).
+
+The dataset path has no default: point it at the folder with train.rec, train.idx and
+property:
 
     python -m pfc_jax.main --config configs/ms1mv3_r50.py --workdir /runs/ms1mv3_r50 \
         --config.data.path=/data/ms1m-retinaface-t1
@@ -24,6 +28,8 @@ def get_config():
     c.head.margin.m1 = 1.0
     c.head.margin.m2 = 0.5
     c.head.margin.m3 = 0.0
+    c.head.margin.gradient = "straight_through"  # arcface_torch: margin under no_grad
+    c.head.margin.past_critical = "cos"  # arcface_torch: cos(theta + m2) via arccos, no branch
     c.head.weight_decay = 5e-4
     c.optimizer.lr = 0.2
     c.optimizer.weight_decay = 5e-4

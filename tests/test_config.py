@@ -7,6 +7,7 @@ import runpy
 import pytest
 
 from pfc_jax.config_validation import ConfigError, validate, validate_run_length
+from pfc_jax.heads.margins import CombinedMargin
 from tests.recipes import load
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -22,6 +23,21 @@ def test_dataset_recipes_ask_for_their_path(name):
     assert config.global_batch_size == 1024 and config.dtype == "bfloat16"
     with pytest.raises(ConfigError, match=r"config\.data\.path = ''.*needs the folder with train.rec"):
         validate(config, num_devices=8)
+
+
+@pytest.mark.parametrize("name", ["ms1mv3_r50", "glint360k_r100", "webface42m_r100"])
+def test_dataset_recipes_use_arcface_torch_margin_semantics(name):
+    margin = load(name).head.margin
+    assert margin.gradient == "straight_through" and margin.past_critical == "cos"
+    CombinedMargin(**margin.to_dict())  # a valid margin
+    # A command-line override still reaches the field.
+    assert load(name, ["--config.head.margin.past_critical=monotone"]).head.margin.past_critical == "monotone"
+
+
+def test_default_margin_is_exact_and_monotone():
+    for name in ("base", "synthetic"):
+        margin = load(name).head.margin
+        assert margin.gradient == "exact" and margin.past_critical == "monotone"
 
 
 def test_recipes_only_override_declared_fields():
@@ -46,6 +62,7 @@ def test_recipes_only_override_declared_fields():
         ("schedule.name", "step", r"schedule\.name"),
         ("data.image_size", 8, r"data\.image_size = 8: must be an integer >= 16"),
         ("head.margin.m2", -0.5, r"config\.head\.margin: margin m2 must be in \[0, pi\)"),
+        ("head.margin.past_critical", "rising", r"config\.head\.margin: margin past_critical must be one of"),
         ("log_every_steps", 0, r"log_every_steps = 0"),
     ],
 )

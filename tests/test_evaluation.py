@@ -45,14 +45,27 @@ def reference_protocol(emb, issame):
         accs.append(np.mean([(dist[i] < best_t) == issame[i] for i in test]))
         thresholds.append(best_t)
         negatives = [i for i in train if not issame[i]]
-        prev_t, prev_far, t_far = 0.0, None, 0.0
+        # Walk the grid upwards. An exact hit is remembered and overwritten while the FAR
+        # stays on the target (the last one counts); the first point past the target ends
+        # the walk: the hit if there was one, else interpolation from the point before.
+        t_far, before, hit = 0.0, None, None
         for j in range(4000):
             t = j * 0.001
             far = sum(dist[i] < t for i in negatives) / len(negatives)
-            if far >= 1e-3:
-                t_far = t if prev_far is None or far == 1e-3 else prev_t + (1e-3 - prev_far) / (far - prev_far) * 0.001
+            if far == 1e-3:
+                hit = t
+            elif far < 1e-3:
+                before = (t, far)
+            else:
+                if hit is not None:
+                    t_far = hit
+                elif before is None:
+                    t_far = t
+                else:
+                    t_far = before[0] + 0.001 * (1e-3 - before[1]) / (far - before[1])
                 break
-            prev_t, prev_far = t, far
+        else:
+            t_far = 0.0 if hit is None else hit
         positives = [i for i in test if issame[i]]
         vals.append(sum(dist[i] < t_far for i in positives) / len(positives))
     return np.array(accs), np.mean(thresholds), np.mean(vals)
@@ -74,6 +87,53 @@ def test_ten_folds_match_an_independent_computation(pairs):
     assert result.threshold == pytest.approx(threshold, abs=1e-9)
     assert result.val == pytest.approx(val, abs=1e-12)
     assert 0.6 < result.accuracy < 1.0  # the data is neither trivial nor random
+
+
+def _pairs_at_distances(dist):
+    """Unit embeddings [2P, 2] whose pairs have the squared distances ``dist``."""
+    angle = np.arccos(1.0 - np.asarray(dist) / 2.0)
+    first = np.stack([np.ones_like(angle), np.zeros_like(angle)], 1)
+    second = np.stack([np.cos(angle), np.sin(angle)], 1)
+    return np.stack([first, second], 1).reshape(-1, 2)
+
+
+def test_val_threshold_is_the_last_of_an_exact_far_stretch():
+    """Nine training folds of 1,000 negatives each accept exactly 9 of 9,000 negatives
+    (FAR = 1e-3 exactly) for every grid threshold from 0.801 to 1.200: the VAL threshold
+    is 1.200, as insightface's spline gives, not 0.801."""
+    # Per fold: 100 positives at 0.3005, 0.3125, ..., 1.4885; one negative at 0.8005, one
+    # at 1.2005 (ends the stretch), 998 far away. Every distance is half a grid step off
+    # the grid, so rounding cannot move a pair across a threshold.
+    positives = 0.3005 + 0.012 * np.arange(100)
+    negatives = np.concatenate([[0.8005, 1.2005], np.linspace(2.0005, 3.9005, 998)])
+    fold_dist = np.concatenate([positives, negatives])
+    fold_same = np.arange(1100) < 100
+    dist, issame = np.tile(fold_dist, 10), np.tile(fold_same, 10)
+
+    train = np.arange(1100, 11000)  # the first fold held out
+    _, far_train = verification._val_far(dist[train], issame[train], verification.VAL_THRESHOLDS)
+    stretch = np.flatnonzero(far_train == 1e-3)
+    np.testing.assert_array_equal(stretch, np.arange(801, 1201))
+    threshold = verification._threshold_at_far(far_train, verification.VAL_THRESHOLDS, 1e-3)
+    assert threshold == verification.VAL_THRESHOLDS[1200]
+
+    result = verification.evaluate_pairs(_pairs_at_distances(dist), issame)
+    assert result.val == pytest.approx(0.75, abs=1e-12)  # positives below 1.2: k <= 74 (0.42 at 0.801)
+    assert result.val_std == pytest.approx(0.0, abs=1e-12)
+    assert result.far == pytest.approx(1e-3, abs=1e-12)  # the 0.8005 negative of the held-out fold
+
+
+def test_far_threshold_between_points_and_out_of_reach():
+    grid = np.arange(6) * 0.5
+    # Strictly between 0.0005 (last below, at 1.0) and 0.002 (first above, at 1.5).
+    far = np.array([0.0, 0.0, 0.0005, 0.002, 0.002, 0.01])
+    assert verification._threshold_at_far(far, grid, 1e-3) == pytest.approx(1.0 + 0.5 / 3)
+    # An exact hit: the last grid point of the stretch.
+    far = np.array([0.0, 0.0005, 0.001, 0.001, 0.0015, 0.01])
+    assert verification._threshold_at_far(far, grid, 1e-3) == 1.5
+    # Never reached.
+    far = np.array([0.0, 0.0, 0.0, 0.0005, 0.0005, 0.0009])
+    assert verification._threshold_at_far(far, grid, 1e-3) == 0.0
 
 
 def test_perfect_embeddings_score_one():

@@ -1,5 +1,7 @@
 """The sharded Partial FC head against a dense single-device reference."""
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -89,6 +91,32 @@ def test_full_softmax_equals_dense_reference(num_devices, margin_name):
     np.testing.assert_array_equal(np.asarray(g_rows)[NUM_CLASSES:], 0.0)
     assert int(metrics["sampled_classes"]) == NUM_CLASSES
     assert int(metrics["invalid_labels"]) == 0
+
+
+@pytest.mark.parametrize("gradient", ["exact", "straight_through"])
+def test_arcface_torch_margin_semantics_match_dense_reference(gradient):
+    """past_critical="cos" through the whole head, with target angles past pi - m."""
+    margin = margins.arcface(past_critical="cos", gradient=gradient)
+    head = make_head(4, 1.0, margin)
+    state, embeddings, labels = inputs(head, seed=2)
+    centers = np.asarray(state.centers)[:NUM_CLASSES]
+    # Half the rows point away from their own center: target angles near pi.
+    flip = np.where(np.arange(BATCH) % 2 == 0, -1.0, 1.0)[:, None]
+    emb = np.where(flip < 0, -centers[np.asarray(labels)] + 0.1 * np.asarray(embeddings), np.asarray(embeddings))
+    embeddings = jax.device_put(jnp.asarray(emb, jnp.float32), sharding.batch_sharding(head.mesh))
+    loss, _, (g_emb, g_rows), _ = head_loss_and_grads(head, state, embeddings, labels, jax.random.key(1))
+
+    x, w = emb / np.linalg.norm(emb, axis=1, keepdims=True), centers / np.linalg.norm(centers, axis=1, keepdims=True)
+    target_cos = np.sum(x * w[np.asarray(labels)], axis=1)
+    assert (target_cos < -math.cos(0.5)).sum() >= BATCH // 4  # theta + m > pi for these rows
+
+    ref = lambda e, c: reference.dense_loss(
+        e, c, labels, m2=0.5, past="cos", straight_through=gradient == "straight_through"
+    )
+    ref_loss, (ref_g_emb, ref_g_centers) = jax.value_and_grad(ref, argnums=(0, 1))(emb, centers)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(g_emb, ref_g_emb, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(g_rows)[:NUM_CLASSES], ref_g_centers, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -207,6 +235,53 @@ def test_invalid_labels_are_counted_and_batch_must_divide():
     assert int(metrics["invalid_labels"]) == 2
     with pytest.raises(ValueError, match="not divisible by the 4 devices"):
         head.sample(labels[:6], jax.random.key(0))
+
+
+@pytest.mark.parametrize("num_devices,as_jax", [(8, False), (3, True)])
+def test_init_from_centers_pads_places_and_trains(num_devices, as_jax):
+    tx = optim.adamw(1e-2, weight_decay=0.05)  # per-row moments and a shared count
+    head = make_head(num_devices, 0.5, margins.arcface(), optimizer=tx)
+    given = np.random.default_rng(4).normal(size=(NUM_CLASSES, DIM))  # float64: stored as float32
+    state = head.init_from_centers(jnp.asarray(given, jnp.float32) if as_jax else given)
+
+    expected = np.zeros((head.num_classes_padded, DIM), np.float32)
+    expected[:NUM_CLASSES] = given
+    assert head.num_classes_padded > NUM_CLASSES  # there is padding to check
+    assert state.centers.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(state.centers), expected)
+    shardings = head.state_shardings()
+    assert jax.tree.map(lambda a: a.sharding, state) == shardings
+    assert len(state.centers.addressable_shards) == num_devices
+    for shard in state.centers.addressable_shards:  # each device holds its own rows
+        assert shard.data.shape == (head.num_local, DIM)
+        np.testing.assert_array_equal(np.asarray(shard.data), expected[shard.index])
+    fresh = head.init(jax.random.key(0)).opt_state
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, state.opt_state), jax.tree.map(np.asarray, fresh))
+
+    _, embeddings, labels = inputs(head, batch=2 * num_devices)
+    new_state, _, metrics = head.jit_step()(state, embeddings, labels, jax.random.key(1))
+    assert np.isfinite(float(metrics["loss"]))
+    assert jax.tree.map(lambda a: a.sharding, new_state) == shardings
+    centers = np.asarray(new_state.centers)
+    assert not np.array_equal(centers[:NUM_CLASSES], expected[:NUM_CLASSES])  # it trained
+    np.testing.assert_array_equal(centers[NUM_CLASSES:], 0.0)  # padding untouched
+
+
+def test_init_from_centers_refuses_bad_centers():
+    head = make_head(4, 1.0, margins.arcface())
+    good = np.ones((NUM_CLASSES, DIM), np.float32)
+    cases = [
+        (good[:-1], r"has 36 rows but the head has num_classes=37; pass one row per class"),
+        (np.ones((head.num_classes_padded, DIM)), r"has 40 rows .* padded HeadState.centers: pass its first 37"),
+        (good[:, :8], r"has dimension 8 but the head has embedding_dim=16"),
+        (good[0], r"must be a 2-D array \[num_classes, embedding_dim\] = \[37, 16\], got shape \[16\]"),
+        (good.astype(bool), r"must be real numbers"),
+        (np.where(np.arange(NUM_CLASSES)[:, None] == 5, np.nan, good), r"non-finite values .* in 1 rows, first row 5"),
+        (np.full((NUM_CLASSES, DIM), 1e39), r"non-finite values .*too large for float32"),
+    ]
+    for centers, message in cases:
+        with pytest.raises(ValueError, match=message):
+            head.init_from_centers(centers)
 
 
 def test_config_errors_name_the_field():

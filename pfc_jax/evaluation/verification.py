@@ -15,8 +15,14 @@ The protocol is the one the field's figures come from (insightface's verificatio
   other nine folds (the first on ties) is applied to the held-out fold;
 * reported: mean and std of the 10 held-out accuracies, the mean chosen threshold, and
   VAL@FAR=1e-3 (per fold, the threshold in ``arange(0, 4, 0.001)`` at which the
-  nine-fold FAR equals 1e-3, interpolated linearly between grid points; its VAL and FAR
-  on the held-out fold, averaged).
+  nine-fold FAR reaches 1e-3; its VAL and FAR on the held-out fold, averaged).
+
+The VAL threshold follows insightface's ``interp1d(far, thresholds, kind="slinear")``
+exactly, ties included. The nine-fold FAR is a step function of the threshold, so it
+often equals the target over a stretch of consecutive grid thresholds; then the *last*
+of them is taken (a linear spline through repeated abscissae evaluates at the rightmost
+one). Otherwise the threshold is interpolated linearly between the last grid point below
+the target and the first above it; a FAR that never reaches the target gives 0.
 """
 
 from __future__ import annotations
@@ -126,12 +132,20 @@ def _val_far(dist, issame, thresholds):
 
 
 def _threshold_at_far(far: np.ndarray, thresholds: np.ndarray, target: float) -> float:
-    """The threshold where the (non-decreasing) FAR curve reaches ``target``."""
+    """The threshold where the (non-decreasing) FAR curve reaches ``target``.
+
+    An exact hit gives the last grid threshold whose FAR equals ``target``; else the
+    linear interpolation between the last point below and the first point above; 0.0
+    when the FAR stays below ``target`` (see the module docstring).
+    """
     if far[-1] < target:
         return 0.0
-    above = int(np.argmax(far >= target))  # first grid point at or past the target
-    if above == 0 or far[above] == target:
-        return float(thresholds[above])
+    hits = np.flatnonzero(far == target)
+    if hits.size:
+        return float(thresholds[hits[-1]])
+    above = int(np.argmax(far > target))  # first grid point past the target
+    if above == 0:
+        return float(thresholds[0])
     below = above - 1
     t = (target - far[below]) / (far[above] - far[below])
     return float(thresholds[below] + t * (thresholds[above] - thresholds[below]))

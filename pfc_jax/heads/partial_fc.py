@@ -26,9 +26,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
 
 from pfc_jax import heads, models, optim, sharding
 from pfc_jax.heads import sampler
@@ -166,6 +168,84 @@ class PartialFC:
     def init(self, key: jax.Array, std: float = 0.01) -> HeadState:
         """:meth:`init_state`, compiled and sharded."""
         return jax.jit(functools.partial(self.init_state, std=std), out_shardings=self.state_shardings())(key)
+
+    def init_from_centers(self, centers: ArrayLike) -> HeadState:
+        """A head state that starts from given class centers (fine-tuning, imported weights).
+
+        Args:
+          centers: [num_classes, embedding_dim], numpy or jax, any real dtype (stored as
+            float32): one row per class, in label order, without padding.
+
+        Returns:
+          :class:`HeadState` with the centers padded with zero rows to
+          ``num_classes_padded``, a fresh optimizer state (as :meth:`init` gives), both
+          placed with :meth:`state_shardings`: each device holds only its own rows.
+
+        Raises:
+          ValueError: a wrong shape or a non-finite value, saying which and what to pass.
+
+        Usage::
+
+            head = PartialFC(mesh, num_classes=C, embedding_dim=D, ...)
+            state = head.init_from_centers(np.load("centers.npy"))  # f32[C, D]
+            step = head.jit_step()
+            state, grad_embeddings, metrics = step(state, embeddings, labels, key)
+
+        Each device receives only its own rows from the host copy; with several processes,
+        every process passes the same full array.
+        """
+        host = np.asarray(centers)
+        expected = (self.num_classes, self.embedding_dim)
+        if host.ndim != 2:
+            raise ValueError(
+                f"init_from_centers: centers must be a 2-D array [num_classes, embedding_dim] = "
+                f"{list(expected)}, got shape {list(host.shape)}"
+            )
+        rows, dim = host.shape
+        if rows != self.num_classes:
+            padded = (
+                f" ([{self.num_classes_padded}, D] is the padded HeadState.centers: pass its first "
+                f"{self.num_classes} rows)"
+                if rows == self.num_classes_padded
+                else ""
+            )
+            raise ValueError(
+                f"init_from_centers: centers has {rows} rows but the head has num_classes={self.num_classes}; "
+                f"pass one row per class{padded}, or build the head with num_classes={rows}"
+            )
+        if dim != self.embedding_dim:
+            raise ValueError(
+                f"init_from_centers: centers has dimension {dim} but the head has "
+                f"embedding_dim={self.embedding_dim}; pass centers of the backbone's embedding size, "
+                f"or build the head with embedding_dim={dim}"
+            )
+        if not np.issubdtype(host.dtype, np.number) or np.issubdtype(host.dtype, np.complexfloating):
+            raise ValueError(f"init_from_centers: centers must be real numbers, got dtype {host.dtype}")
+        with np.errstate(over="ignore"):  # too large for float32 -> inf, refused below
+            host = host.astype(np.float32, copy=False)
+        finite = np.isfinite(host).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise ValueError(
+                f"init_from_centers: centers has non-finite values (nan or inf, or too large for "
+                f"float32) in {bad.size} rows, first row {int(bad[0])}; replace those rows "
+                f"(e.g. with head.init's random rows) before starting"
+            )
+
+        shardings = self.state_shardings()
+        padded_shape = (self.num_classes_padded, self.embedding_dim)
+
+        def block(index):
+            start, stop, _ = index[0].indices(padded_shape[0])
+            out = np.zeros((stop - start, padded_shape[1]), np.float32)
+            real = min(stop, self.num_classes)
+            if real > start:
+                out[: real - start] = host[start:real]
+            return out[:, index[1]]
+
+        placed = jax.make_array_from_callback(padded_shape, shardings.centers, block)
+        opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(placed)
+        return HeadState(placed, opt_state)
 
     # ---- the four stages -----------------------------------------------------------
 
