@@ -109,18 +109,22 @@ def run(body: Callable[[argparse.Namespace], object], p: argparse.ArgumentParser
     return guard(lambda: body(args))
 
 
-def absl_flags_parser(load_config: Callable[[], object]):
+def absl_flags_parser(prog: str, load_config: Callable[[], object]):
     """A ``flags_parser`` for ``absl.app.run`` with this convention: flag errors and a
     config file that does not load (missing, failing, an unknown ``--config.<field>``)
-    print one ``error:`` line and exit 2. ``load_config()`` reads the config flag."""
+    print one ``error:`` line and exit 2. ``prog`` is the module (``pfc_jax.main``);
+    ``load_config()`` reads the config flag."""
 
     def parse(argv):
         from absl import flags
 
         try:
             rest = flags.FLAGS(argv)
+        except SystemExit as e:  # absl's --help prints the usage and exits 1; here help succeeds
+            asked = any(a.split("=")[0] in ("-h", "-?", "--help", "--helpshort", "--helpfull") for a in argv[1:])
+            sys.exit(0 if asked and e.code == 1 else e.code)
         except flags.Error as e:
-            fail(f"{e} (see {argv[0]} --help)")
+            fail(f"{e} (see python -m {prog} --help)")
         except Exception as e:  # noqa: BLE001 - ml_collections raises what the config file raised
             fail(f"cannot load the config: {type(e).__name__}: {e} (check --config and the --config.* flags)")
         if len(rest) > 1:

@@ -64,4 +64,4 @@ def main(argv):
 
 if __name__ == "__main__":
     # The config file loads lazily; reading it whole makes a broken one fail while parsing.
-    app.run(main, flags_parser=cli.absl_flags_parser(lambda: _CONFIG.value.to_dict()))
+    app.run(main, flags_parser=cli.absl_flags_parser("pfc_jax.main", lambda: _CONFIG.value.to_dict()))
