@@ -179,7 +179,9 @@ def load_backbone(workdir: str | pathlib.Path, step: int | None = None) -> Backb
     if step is None:
         step = max(steps)
     elif step not in steps:
-        raise CheckpointError(f"no checkpoint for step {step} in {directory} (available: {sorted(steps)})")
+        raise CheckpointError(
+            f"no checkpoint for step {step} in {directory}; available: {sorted(steps)} (choose one of them)"
+        )
     try:
         model, spec = _restore_backbone(manager, step)
     except (OSError, ValueError, KeyError) as e:  # a step folder with missing or damaged items
