@@ -110,3 +110,22 @@ def test_data_json_on_a_recordio_dataset(tmp_path):
     r = json.loads(out.stdout)
     assert r["benchmark"] == "data" and r["images"] == 32 and r["images_per_sec"] > 0
     assert r["images_per_cpu_sec"] > 0
+
+
+def test_data_removes_its_temporary_dataset_on_error(tmp_path, monkeypatch):
+    import argparse
+
+    from pfc_jax.bench import data
+    from pfc_jax.data import pipeline
+
+    made = tmp_path / "bench_tmp"
+    monkeypatch.setattr(data.tempfile, "mkdtemp", lambda **kw: (made.mkdir(), str(made))[1])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("pipeline failed")
+
+    monkeypatch.setattr(pipeline, "make_iterator", broken)
+    args = argparse.Namespace(source=None, workers=0, threads=1, batch=8, batches=1, augment="flip")
+    with pytest.raises(RuntimeError, match="pipeline failed"):
+        data.run(args)
+    assert not made.exists()
