@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     # > 0: save a checkpoint and exit after this step (time-limited jobs); the LR
     # schedule still spans the whole run, and the next start resumes from there.
     c.stop_at_step = 0
-    c.dtype = "float32"  # backbone compute dtype: float32 | bfloat16 (loss, master weights fp32)
+    c.dtype = "float32"  # backbone compute dtype, pfc_jax.models.DTYPES (loss, master weights fp32)
 
     # Backbone (pfc_jax.models.BACKBONES).
     c.model = ml_collections.ConfigDict()
@@ -30,12 +30,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.embedding_dim = 512
     c.model.dropout = 0.0  # before the final FC (iResNet only)
 
-    # Classification head over all identities (Partial FC).
+    # Classification head over all identities (pfc_jax.heads.HEADS); the fields below are
+    # Partial FC's.
     c.head = ml_collections.ConfigDict()
     c.head.name = "partial_fc"
     c.head.sample_rate = 1.0  # fraction of class centers per step; 1.0 = full softmax
     c.head.weight_decay = 5e-4  # weight decay of the class centers (sampled rows only)
-    c.head.logits_dtype = "float32"  # float32 | bfloat16 operands of the logits matmul
+    c.head.logits_dtype = "float32"  # dtype of the logits matmul's operands (pfc_jax.models.DTYPES)
     # Combined margin s * (cos(m1*theta + m2) - m3): ArcFace (1, 0.5, 0), CosFace (1, 0, 0.4).
     c.head.margin = ml_collections.ConfigDict()
     c.head.margin.s = 64.0
@@ -53,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Optimizer for the backbone; the centers use the same kind and learning rate.
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = "sgd"  # sgd | adamw
+    c.optimizer.name = "sgd"  # pfc_jax.optim.OPTIMIZERS
     c.optimizer.lr = 0.1  # peak learning rate
     c.optimizer.momentum = 0.9  # sgd
     c.optimizer.nesterov = False  # sgd
@@ -65,22 +66,22 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Learning-rate schedule: linear warmup from 0, then decay to end_lr_factor * lr.
     c.schedule = ml_collections.ConfigDict()
-    c.schedule.name = "polynomial"  # polynomial | cosine | constant
+    c.schedule.name = "polynomial"  # pfc_jax.optim.SCHEDULES
     c.schedule.warmup_epochs = 0.0
     c.schedule.power = 2.0  # polynomial: arcface_torch's PolyScheduler uses 2
     c.schedule.end_lr_factor = 0.0
 
     # Data (pfc_jax.data): a source, then the grain pipeline.
     c.data = ml_collections.ConfigDict()
-    # synthetic | recordio (insightface train.rec/.idx/property folder) | tfds (built by
-    # python -m pfc_jax.data.prepare) | folder (root/<identity>/<images>)
+    # pfc_jax.data.sources.SOURCES: synthetic; recordio (insightface train.rec/.idx/property
+    # folder); tfds (built by python -m pfc_jax.data.prepare); folder (root/<identity>/<images>)
     c.data.source = "synthetic"
     c.data.path = ""  # dataset folder; for tfds the TFDS data_dir
     c.data.tfds_name = ""  # tfds: the dataset name given to pfc_jax.data.prepare
     c.data.image_size = 112  # aligned faces, square
     c.data.threads = 8  # reader threads per process (decoding releases the GIL)
     c.data.workers = 0  # extra worker processes per host for decoding; 0 = threads only
-    c.data.sampler = "uniform"  # uniform | identity_balanced (P identities x K images)
+    c.data.sampler = "uniform"  # pfc_jax.data.pipeline.SAMPLERS (identity_balanced: P ids x K images)
     c.data.images_per_identity_in_batch = 4  # K of identity_balanced
     c.data.augment = ml_collections.ConfigDict()  # probabilities
     c.data.augment.flip = 0.5  # horizontal flip
