@@ -95,9 +95,13 @@ class TrainStep:
         )
 
     @functools.cached_property
+    def _state_shapes(self) -> TrainState:
+        return jax.eval_shape(self.init_state, *self.backbone, jax.random.key(0))
+
+    @functools.cached_property
     def state_shardings(self) -> TrainState:
         """Backbone and its optimizer replicated; the head's state as the head lays it out."""
-        shapes = jax.eval_shape(self.init_state, *self.backbone, jax.random.key(0))
+        shapes = self._state_shapes
         whole = sharding.replicated(self.mesh)
         replicate = lambda tree: jax.tree.map(lambda _: whole, tree)
         return TrainState(
@@ -112,9 +116,8 @@ class TrainStep:
     @functools.cached_property
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state, for restoring a checkpoint."""
-        shapes = jax.eval_shape(self.init_state, *self.backbone, jax.random.key(0))
         return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), self._state_shapes, self.state_shardings
         )
 
     def init(self, params: dict, batch_stats: dict, key: jax.Array) -> TrainState:

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -93,3 +94,27 @@ def test_help_exits_0(command):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "usage" in out.stdout.lower() or "flags" in out.stdout.lower(), out.stdout[-2000:]
+
+
+def test_bad_data_exits_2(tmp_path, capsys):
+    """Problems found in the data (not in the flags) follow the same rule."""
+    import pickle
+
+    from pfc_jax import evaluate
+    from pfc_jax.data import prepare, synth
+    from tests.cli_helpers import exits_with
+
+    with exits_with(capsys, "verification pairs need >= 2 held-out identities"):
+        synth.main(
+            ["--out", str(tmp_path / "s"), "--identities", "4", "--images-per-id", "2", "--holdout-identities", "1"]
+        )
+    synth.write(str(tmp_path / "rec"), identities=4, images_per_id=2, image_size=16, pairs=0, progress=False)
+    with exits_with(capsys, "dataset name 'Bad-Name' must be lower_snake_case"):
+        prepare.main(
+            ["--source", f"rec:{tmp_path / 'rec'}", "--name", "Bad-Name", "--data-dir", str(tmp_path / "tfds")]
+        )
+    with open(tmp_path / "five.bin", "wb") as f:  # too few pairs for 10 folds
+        pickle.dump(([synth.encode_jpeg(np.zeros((16, 16, 3), np.uint8))] * 10, [True, False] * 2 + [True]), f)
+    workdir = ROOT / "tests" / "fixtures" / "workdir_v0"
+    with exits_with(capsys, "5 pairs cannot be split into 10 folds"):
+        evaluate.main(["--workdir", str(workdir), "--bin", str(tmp_path / "five.bin")])

@@ -12,6 +12,8 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
+from pfc_jax.data.sources import SourceError
+
 
 def decode(example: dict, image_size: int) -> np.ndarray:
     """uint8 [S, S, 3] RGB from a source example (raw ``image`` or ``encoded`` bytes)."""
@@ -22,9 +24,9 @@ def decode(example: dict, image_size: int) -> np.ndarray:
             with Image.open(io.BytesIO(example["encoded"])) as im:
                 image = np.asarray(im.convert("RGB"))
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds
-            raise ValueError(f"cannot decode image with label {example.get('label')}: {e}") from None
+            raise SourceError(f"cannot decode image with label {example.get('label')}: {e}") from None
     if image.shape != (image_size, image_size, 3):
-        raise ValueError(
+        raise SourceError(
             f"image of shape {image.shape}, expected ({image_size}, {image_size}, 3): the dataset "
             "is not aligned to config.data.image_size (insightface datasets are 112x112)"
         )

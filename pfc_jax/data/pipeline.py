@@ -23,6 +23,7 @@ import grain
 import numpy as np
 
 from pfc_jax.data.augment import Augment, decode
+from pfc_jax.data.sources import SourceError
 
 _FOREVER = 1 << 50  # positions; grain datasets need a length
 
@@ -49,7 +50,7 @@ class _BalancedOrder:
         self.global_batch, self.k, self.seed = global_batch, per_identity, seed
         self.p = global_batch // per_identity
         if self.p > len(self.identities):
-            raise ValueError(
+            raise SourceError(
                 f"identity-balanced batches need {self.p} identities per batch "
                 f"(global batch {global_batch} / {per_identity} images each) but the dataset has "
                 f"{len(self.identities)}; raise config.data.images_per_identity_in_batch"
@@ -104,7 +105,7 @@ class _Load:
         example = self.source[self.order(position)]
         label = int(example["label"])
         if not 0 <= label < self.source.num_classes:
-            raise ValueError(
+            raise SourceError(
                 f"example {self.order(position)} has label {label}, outside [0, "
                 f"{self.source.num_classes}): the dataset's labels do not match its class count"
             )
@@ -144,14 +145,14 @@ class DataIterator:
     def restore(self, state: dict) -> None:
         for key, mine in self._fingerprint.items():
             if state.get(key) != mine:
-                raise ValueError(
+                raise SourceError(
                     f"cannot resume the data order: the checkpoint was written with {key}="
                     f"{state.get(key)!r}, this run has {key}={mine!r}. Resume with the same dataset, "
                     "seed, batch size and sampler, or start a new workdir."
                 )
         batches = state.get("batches")
         if not isinstance(batches, int) or batches < 0:
-            raise ValueError(f"the checkpoint's data position {batches!r} is not a batch count")
+            raise SourceError(f"the checkpoint's data position {batches!r} is not a batch count")
         self.close()
         self._iterator = None
         self._batches = batches
@@ -185,16 +186,16 @@ def make_iterator(
         identities per batch, ``images_per_identity`` images each).
     """
     if global_batch % process_count:
-        raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+        raise SourceError(f"global batch {global_batch} is not divisible by {process_count} processes")
     if len(source) < global_batch:
-        raise ValueError(
+        raise SourceError(
             f"the dataset has {len(source)} examples, fewer than one global batch of "
             f"{global_batch}; lower config.global_batch_size"
         )
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r} (choose one of {', '.join(SAMPLERS)})")
+        raise SourceError(f"unknown sampler {sampler!r} (choose one of {', '.join(SAMPLERS)})")
     if sampler == "identity_balanced" and global_batch % images_per_identity:
-        raise ValueError(f"global batch {global_batch} is not a multiple of images_per_identity {images_per_identity}")
+        raise SourceError(f"global batch {global_batch} is not a multiple of images_per_identity {images_per_identity}")
     order = SAMPLERS[sampler](source, global_batch, images_per_identity, seed)
     local = global_batch // process_count
     load = _Load(source, order, global_batch, local, process_index, image_size, augment, seed)

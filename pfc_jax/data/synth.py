@@ -21,6 +21,7 @@ import numpy as np
 from pfc_jax import cli
 from pfc_jax.data import recordio
 from pfc_jax.data.synthetic import SyntheticIdentities
+from pfc_jax.errors import InputError
 from pfc_jax.progress import Progress
 
 
@@ -35,7 +36,7 @@ def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
 def verification_pairs(source: SyntheticIdentities, num_pairs: int, seed: int, quality: int):
     """(bins, issame): alternating same / different pairs of ``source``'s identities."""
     if source.num_identities < 2 or source.images_per_identity < 2:
-        raise ValueError("verification pairs need >= 2 held-out identities with >= 2 images each")
+        raise InputError("verification pairs need >= 2 held-out identities with >= 2 images each")
     rng = np.random.default_rng([seed, 7])
     bins, issame = [], []
     for p in range(num_pairs):
@@ -75,25 +76,35 @@ def write(
     quality: int = 95,
     progress: bool = True,
 ) -> None:
-    """Writes the dataset into ``out`` atomically (a temporary folder renamed at the end)."""
+    """Writes the dataset into ``out`` atomically (a temporary folder renamed at the end;
+    removed if anything fails)."""
+    if pairs and holdout_identities < 2:
+        raise InputError(
+            f"verification pairs need >= 2 held-out identities, got {holdout_identities} "
+            "(raise --holdout-identities, or --pairs 0 for no pair file)"
+        )
     train = SyntheticIdentities(identities, images_per_id, image_size=image_size, seed=seed)
     tmp = out.rstrip("/") + ".incomplete"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    bar = Progress(len(train), "images") if progress else None
-    images, labels = [], []
-    for i in range(len(train)):
-        example = train[i]
-        images.append(encode_jpeg(example["image"], quality))
-        labels.append(example["label"])
-        if bar:
-            bar.update()
-    recordio.write_dataset(tmp, images, labels, identities, (image_size, image_size))
-    if pairs:
-        held_out = held_out_identities(identities, images_per_id, image_size, seed, holdout_identities)
-        bins, issame = verification_pairs(held_out, pairs, seed, quality)
-        with open(os.path.join(tmp, "synth_val.bin"), "wb") as f:
-            pickle.dump((bins, issame), f, protocol=4)
+    try:
+        bar = Progress(len(train), "images") if progress else None
+        images, labels = [], []
+        for i in range(len(train)):
+            example = train[i]
+            images.append(encode_jpeg(example["image"], quality))
+            labels.append(example["label"])
+            if bar:
+                bar.update()
+        recordio.write_dataset(tmp, images, labels, identities, (image_size, image_size))
+        if pairs:
+            held_out = held_out_identities(identities, images_per_id, image_size, seed, holdout_identities)
+            bins, issame = verification_pairs(held_out, pairs, seed, quality)
+            with open(os.path.join(tmp, "synth_val.bin"), "wb") as f:
+                pickle.dump((bins, issame), f, protocol=4)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(tmp, out)

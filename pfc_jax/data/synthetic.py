@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pfc_jax.errors import InputError
+
 
 class SyntheticIdentities:
     """Random-access source of ``num_identities * images_per_identity`` images.
@@ -37,12 +39,12 @@ class SyntheticIdentities:
         noise: float = 0.03,
     ):
         if num_identities < 1 or images_per_identity < 1:
-            raise ValueError(
+            raise InputError(
                 f"synthetic source needs >= 1 identity and >= 1 image per identity, got "
                 f"{num_identities} and {images_per_identity}"
             )
         if image_size < 8:
-            raise ValueError(f"synthetic image_size must be >= 8, got {image_size}")
+            raise InputError(f"synthetic image_size must be >= 8, got {image_size}")
         self.num_identities = num_identities
         self.images_per_identity = images_per_identity
         self.image_size = image_size

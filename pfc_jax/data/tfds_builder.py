@@ -13,6 +13,8 @@ import io
 import numpy as np
 import tensorflow_datasets as tfds
 
+from pfc_jax.data.sources import SourceError
+
 VERSION = "1.0.0"
 
 
@@ -78,7 +80,7 @@ class FaceDatasetBuilder(tfds.core.GeneratorBasedBuilder):
 def build(source, name: str, data_dir: str) -> str:
     """Builds ``name`` from ``source`` into ``data_dir``; returns the dataset folder."""
     if not name.isidentifier() or name.lower() != name:
-        raise ValueError(f"dataset name {name!r} must be lower_snake_case (letters, digits, _)")
+        raise SourceError(f"dataset name {name!r} must be lower_snake_case (letters, digits, _; e.g. ms1mv3)")
     with tfds.core.registered.skip_registration():
         cls = type(f"Pfc_{name}", (FaceDatasetBuilder,), {"name": name})
     builder = cls(source=source, data_dir=data_dir, file_format="array_record")

@@ -60,7 +60,7 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     s, d = src - mu_s, dst - mu_d
     denom = (s**2).sum()
     if denom == 0:
-        raise ValueError("degenerate landmarks: all five points coincide")
+        raise IJBError("degenerate landmarks: all five points coincide")
     a = (s[:, 0] * d[:, 0] + s[:, 1] * d[:, 1]).sum() / denom
     b = (s[:, 0] * d[:, 1] - s[:, 1] * d[:, 0]).sum() / denom
     rot = np.array([[a, -b], [b, a]])
@@ -260,7 +260,7 @@ def tar_at_far(scores: np.ndarray, labels: np.ndarray, fars=FARS) -> dict[float,
     """TAR at each target FAR (see the module docstring for the operating point chosen)."""
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
     if labels.all() or not labels.any():
-        raise ValueError("TAR@FAR needs both genuine and impostor pairs")
+        raise IJBError("TAR@FAR needs both genuine and impostor pairs (check the template pair file)")
     order = np.argsort(-scores, kind="stable")
     s, y = scores[order], labels[order]
     # One ROC point per distinct score: accept every pair scoring >= it.

@@ -183,7 +183,9 @@ def evaluate_pairs(
     if embeddings.ndim != 2 or len(embeddings) != 2 * len(issame):
         raise ValueError(f"embeddings {embeddings.shape} do not match {len(issame)} pairs")
     if len(issame) < num_folds:
-        raise ValueError(f"{len(issame)} pairs cannot be split into {num_folds} folds")
+        raise PairFileError(
+            f"{len(issame)} pairs cannot be split into {num_folds} folds (a pair set needs >= {num_folds} pairs)"
+        )
     norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
     embeddings = embeddings / np.maximum(norms, 1e-12)
     dist = ((embeddings[0::2] - embeddings[1::2]) ** 2).sum(axis=1)
