@@ -126,13 +126,23 @@ def absl_flags_parser(prog: str, load_config: Callable[[], object]):
         except flags.Error as e:
             fail(f"{e} (see python -m {prog} --help)")
         except Exception as e:  # noqa: BLE001 - ml_collections raises what the config file raised
-            fail(f"cannot load the config: {type(e).__name__}: {e} (check --config and the --config.* flags)")
+            fail(f"cannot load the config: {_describe(e)} (check --config and the --config.* flags)")
         if len(rest) > 1:
             fail(f"unexpected arguments: {' '.join(rest[1:])} (flags take the form --name=value)")
         try:
             load_config()
         except Exception as e:  # noqa: BLE001 - the config file's own error, whatever it is
-            fail(f"cannot load the config: {type(e).__name__}: {e} (check --config and the --config.* flags)")
+            fail(f"cannot load the config: {_describe(e)} (check --config and the --config.* flags)")
         return rest
 
     return parse
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message`` of an exception, unwrapping the exception-in-an-exception and the
+    quoted key of ``KeyError`` that ml_collections raises for an unknown field."""
+    name = type(error).__name__
+    while len(error.args) == 1 and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    message = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+    return f"{name}: {message}"

@@ -118,3 +118,14 @@ def test_bad_data_exits_2(tmp_path, capsys):
     workdir = ROOT / "tests" / "fixtures" / "workdir_v0"
     with exits_with(capsys, "5 pairs cannot be split into 10 folds"):
         evaluate.main(["--workdir", str(workdir), "--bin", str(tmp_path / "five.bin")])
+
+
+def test_main_misspelled_field_keeps_the_hint(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "pfc_jax.main", "--config", SYNTHETIC, "--workdir", str(tmp_path / "w"),
+         "--config.head.sampel_rate=0.1"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert 'Did you mean "sample_rate"' in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert not (tmp_path / "w").exists()  # nothing written
