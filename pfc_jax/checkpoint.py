@@ -19,7 +19,9 @@ That holds for every leaf of the head's state that is split by rows over the dev
 
 from __future__ import annotations
 
+import os
 import pathlib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -66,19 +68,101 @@ def _restore_args(abstract):
     return jax.tree.map(args, abstract)
 
 
-class Checkpointer:
-    """Saves and restores :class:`~pfc_jax.step.TrainState` plus data position and metadata."""
+def _leaves(tree) -> list[tuple[str, jax.ShapeDtypeStruct]]:
+    return [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
 
-    def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, async_save: bool = True):
+
+def state_signature(state: TrainState) -> list[list]:
+    """``[path, shape, dtype]`` of every leaf of ``state`` (arrays or their abstract
+    versions), the leading size of row-split leaves left out (it follows the device count).
+    Saved in ``meta["state"]`` so that a resume can tell a checkpoint that differs from
+    this run's state (and where) from one that is damaged."""
+    backbone, train = _split(state)
+    out = []
+    for item, tree in ((BACKBONE, backbone), (TRAIN, train)):
+        for path, leaf in _leaves(tree):
+            shape = list(leaf.shape)
+            spec = getattr(getattr(leaf, "sharding", None), "spec", None)
+            if shape and spec is not None and tuple(spec)[:1] == (sharding.DATA_AXIS,):
+                shape[0] = None
+            out.append([f"{item}{path}", shape, str(leaf.dtype)])
+    return out
+
+
+def _hint(path: str) -> str:
+    if path.startswith(f"{TRAIN}['opt_state']"):
+        return "the backbone's optimizer (config.optimizer.*)"
+    if path.startswith(f"{TRAIN}['head']"):
+        return "the head (config.head.*)"
+    return "the model (config.model.*)"
+
+
+def _first_difference(saved: list, here: list) -> str | None:
+    """Where two state signatures first differ, in words; None when equal."""
+    saved_by, here_by = {p: (s, d) for p, s, d in saved}, {p: (s, d) for p, s, d in here}
+    for path in here_by.keys() - saved_by.keys():
+        return f"{path} is in this run's state but not in the checkpoint ({_hint(path)} differs)"
+    for path in saved_by.keys() - here_by.keys():
+        return f"{path} is in the checkpoint but not in this run's state ({_hint(path)} differs)"
+    for path, (shape, dtype) in here_by.items():
+        if list(saved_by[path][0]) != list(shape) or saved_by[path][1] != dtype:
+            return (
+                f"{path} is {saved_by[path][1]}{saved_by[path][0]} in the checkpoint, {dtype}{shape} here "
+                f"({_hint(path)} differs)"
+            )
+    return None
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint step that cannot be read although it fits this run (files missing or corrupt)."""
+
+
+class Checkpointer:
+    """Saves and restores :class:`~pfc_jax.step.TrainState` plus data position and metadata.
+
+    ``on_saved(step)`` is called (from a background thread when saving asynchronously)
+    once a save is committed to disk. A ``read_only`` one never writes (moving a damaged
+    step aside is its one change to the folder).
+    """
+
+    def __init__(
+        self,
+        directory: str | pathlib.Path,
+        *,
+        keep: int = 3,
+        async_save: bool = True,
+        on_saved: Callable[[int], None] | None = None,
+        read_only: bool = False,
+    ):
         self.directory = pathlib.Path(directory).absolute()
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
-                enable_async_checkpointing=async_save,
-                create=True,
-            ),
+        self._read_only = read_only
+        self._on_saved = on_saved
+        self._saving: int | None = None
+        self._keep, self._async = keep, async_save
+        self._manager = self._open()
+
+    def _open(self):
+        async_options = None
+        if self._on_saved is not None and self._async:
+            async_options = ocp.AsyncOptions(post_finalization_callback=self._committed)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self._keep,
+            enable_async_checkpointing=self._async,
+            create=not self._read_only,
+            read_only=self._read_only,
+            async_options=async_options,
         )
+        verbosity = absl_logging.get_verbosity()
+        absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax notes that a read-only manager is read-only
+        try:
+            return ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            absl_logging.set_verbosity(verbosity)
+
+    def _committed(self) -> None:
+        step, self._saving = self._saving, None
+        if step is not None and self._on_saved is not None:
+            self._on_saved(step)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -87,9 +171,12 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, state: TrainState, data_state: dict, meta: dict) -> int:
-        """Starts an (async) save at ``state.step``; returns that step."""
+        """Starts an (async) save at ``state.step``; returns that step. ``meta`` gets the
+        state's signature (:func:`state_signature`) added."""
         step = int(jax.device_get(state.step))
         backbone, train = _split(state)
+        self._manager.wait_until_finished()  # one save in flight: on_saved names the right step
+        self._saving = step
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -97,19 +184,41 @@ class Checkpointer:
                     BACKBONE: ocp.args.PyTreeSave(backbone),
                     TRAIN: ocp.args.PyTreeSave(train),
                     DATA: ocp.args.JsonSave(data_state),
-                    META: ocp.args.JsonSave(meta),
+                    META: ocp.args.JsonSave({**meta, "state": state_signature(state)}),
                 }
             ),
             force=True,
         )
+        if not self._async:
+            self._committed()
         return step
 
     def read_meta(self, step: int) -> dict:
-        return self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+        """The ``meta`` item of ``step``; :class:`DamagedCheckpoint` when it cannot be read."""
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+        except Exception as e:  # noqa: BLE001 - Orbax raises many types for missing/corrupt files
+            raise DamagedCheckpoint(f"checkpoint step {step}: its metadata cannot be read ({_brief(e)})") from None
 
     def restore(self, step: int, abstract: TrainState) -> tuple[TrainState, dict, dict]:
         """(state, data_state, meta) at ``step``, laid out like ``abstract`` (shapes,
-        dtypes, shardings of this run: any device count)."""
+        dtypes, shardings of this run: any device count).
+
+        Raises :class:`CheckpointError` naming the first leaf where the checkpoint's state
+        differs from this run's, and :class:`DamagedCheckpoint` when it fits but cannot be
+        read. (Checkpoints of 0.1.0 carry no signature: a failure there is reported as
+        either, without a verdict.)
+        """
+        meta = self.read_meta(step)
+        where = f"checkpoint step {step} in {self.directory}"
+        saved = meta.get("state")
+        if saved is not None:
+            difference = _first_difference(saved, state_signature(abstract))
+            if difference:
+                raise CheckpointError(
+                    f"{where} does not fit this run: {difference} (resume with the config it was written with, "
+                    f"{self.directory.parent / 'config.json'}, or use a new --workdir)"
+                )
         backbone, train = _split(abstract)
         try:
             out = self._manager.restore(
@@ -123,11 +232,13 @@ class Checkpointer:
                     }
                 ),
             )
-        except (ValueError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - Orbax raises many types for missing/corrupt files
+            if saved is not None:
+                raise DamagedCheckpoint(f"{where} cannot be read: {_brief(e)}") from None
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} does not fit this run's model "
-                f"and optimizer ({e}). Resume with the config it was written with "
-                f"({self.directory.parent / 'config.json'}), or use a new --workdir."
+                f"{where} cannot be restored ({_brief(e)}): it is damaged, or was written with another model or "
+                f"optimizer (resume with the config it was written with, {self.directory.parent / 'config.json'}, "
+                "or use a new --workdir)"
             ) from None
         b, t = out[BACKBONE], out[TRAIN]
         state = TrainState(
@@ -140,6 +251,49 @@ class Checkpointer:
         )
         return state, out[DATA], out[META]
 
+    def restore_latest(self, abstract: TrainState, check: Callable[[dict, int], None] = lambda meta, step: None):
+        """The newest step that restores: ``(step, state, data_state, meta)``, or None
+        when there is no checkpoint.
+
+        ``check(meta, step)`` vets each step's metadata first (and raises to refuse the
+        resume). A damaged step is moved aside to ``<step>.damaged`` (never deleted), with a
+        warning, and the next older one is tried; when none restores, a
+        :class:`DamagedCheckpoint` says so.
+        """
+        moved = []
+        while (step := self.latest_step()) is not None:
+            try:
+                meta = self.read_meta(step)
+                check(meta, step)
+                state, data_state, meta = self.restore(step, abstract)
+                return step, state, data_state, meta
+            except DamagedCheckpoint as e:
+                moved.append(self._move_aside(step, e))
+        if moved:
+            raise DamagedCheckpoint(
+                f"no checkpoint in {self.directory} can be read; moved aside: {', '.join(moved)} "
+                "(inspect or delete them; to start afresh use a new --workdir)"
+            )
+        return None
+
+    def _move_aside(self, step: int, error: Exception) -> str:
+        """Renames a damaged step folder to ``<step>.damaged[.N]`` and reopens the manager."""
+        from jax.experimental import multihost_utils
+
+        source = self.directory / str(step)
+        target = self.directory / f"{step}.damaged"
+        n = 1
+        while target.exists():
+            target, n = self.directory / f"{step}.damaged.{n}", n + 1
+        if jax.process_index() == 0:
+            os.rename(source, target)
+            print(f"warning: {error}; moved it to {target} and trying the previous checkpoint", flush=True)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"pfc_jax: moved checkpoint {step} aside")
+        self._manager.close()
+        self._manager = self._open()
+        return target.name
+
     def wait(self) -> None:
         """Blocks until pending async saves are committed."""
         self._manager.wait_until_finished()
@@ -147,6 +301,12 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _brief(error: Exception) -> str:
+    """The first line of an exception, shortened: Orbax/TensorStore messages run to pages."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text[:300]}"
 
 
 def read_spec(meta: dict) -> ModelSpec:

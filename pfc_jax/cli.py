@@ -88,6 +88,28 @@ def add_step(p: argparse.ArgumentParser):
     )
 
 
+def require_writable(path, flag: str) -> None:
+    """Raises :class:`InputError` unless a file can be written at ``path`` (given as
+    ``flag``): checked before the work, not after it. Probes by creating and removing a
+    temporary file in the nearest existing folder; creates nothing else."""
+    import pathlib
+    import tempfile
+
+    path = pathlib.Path(path).absolute()
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a directory (give a file name)")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"{flag} {path}: {folder} is a file, not a folder (choose another path)")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot write in {folder} ({e.strerror or e}) (choose another path)") from None
+
+
 def guard(body: Callable[[], object]):
     """Runs ``body()``, turning pfc_jax's errors into the exit codes of the convention."""
     try:

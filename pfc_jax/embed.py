@@ -174,6 +174,8 @@ def _embed(args) -> None:
     listing = out.with_suffix(".paths.txt")
     if pathlib.Path(args.images).resolve() == listing.resolve():
         raise EmbedError(f"--out {out} would overwrite the image list {listing} (choose another name)")
+    cli.require_writable(out, "--out")  # before the work, not after it
+    cli.require_writable(listing, "--out")
     paths = find_images(args.images)
     embedder = load_embedder(onnx=args.onnx, workdir=args.workdir, step=args.step, batch_size=args.batch_size)
     feats = embed_images(embedder, paths, flip=args.flip, batch_size=args.batch_size)

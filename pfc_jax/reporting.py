@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -21,13 +22,37 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def _keep_history_up_to(path: pathlib.Path, step: int) -> None:
+    """Drops the records of ``metrics.jsonl`` past ``step`` (logged after the checkpoint a
+    run resumes from, by the run that was interrupted) and a torn last line, atomically:
+    the file then holds one history, whatever was killed when."""
+    if not path.exists():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            keep = int(record["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
 class Reporter:
     """Logs metrics every few steps.
 
     ``log(step, metrics)`` takes host scalars. It adds ``samples_per_sec`` (since the
     previous log) and writes: a progress line to the console (rewritten in place on a
     terminal), one JSON object per call to ``<workdir>/metrics.jsonl``, and TensorBoard
-    scalars under ``<workdir>/tensorboard``.
+    scalars under ``<workdir>/tensorboard``. A run resumed at step ``start_step`` first
+    drops what the interrupted run logged after that step, from both.
     """
 
     def __init__(
@@ -52,11 +77,17 @@ class Reporter:
         if not enabled:
             return
         workdir = pathlib.Path(workdir)
-        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+        path = workdir / "metrics.jsonl"
+        _keep_history_up_to(path, start_step)
+        self._jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(str(workdir / "tensorboard"))
+            # purge_step: TensorBoard drops the events of earlier sessions from this step
+            # on, so a resumed run's curves have no doubled steps.
+            self._writer = SummaryWriter(
+                str(workdir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            )
 
     def reset_clock(self, step: int) -> None:
         """Start the throughput clock now (e.g. after compilation)."""

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pfc_jax import sharding
+from pfc_jax import models, sharding
 from pfc_jax.heads import Head
 from pfc_jax.inference import normalize_images
 
@@ -122,7 +122,7 @@ class TrainStep:
 
     def init(self, params: dict, batch_stats: dict, key: jax.Array) -> TrainState:
         """:meth:`init_state` placed on the mesh (each device makes only its own rows)."""
-        return jax.jit(self.init_state, out_shardings=self.state_shardings)(params, batch_stats, key)
+        return models.run_once(self.init_state, params, batch_stats, key, out_shardings=self.state_shardings)
 
     # ---- the step ------------------------------------------------------------------------
 

@@ -6,7 +6,9 @@ initialize, compile, loop (step, log, checkpoint), finish.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import math
 import pathlib
 import signal
@@ -26,6 +28,7 @@ from pfc_jax.inference import Embedder
 from pfc_jax.models import ModelSpec
 from pfc_jax.reporting import Reporter
 from pfc_jax.step import TrainState, TrainStep
+from pfc_jax.workdir import WorkdirLock
 
 
 class TrainingDiverged(RunError):
@@ -60,16 +63,32 @@ def run_length(config, num_examples: int) -> tuple[int, int]:
 
 @dataclasses.dataclass
 class Setup:
-    """Everything built from a config before the state exists."""
+    """Everything built from a config before the state exists. The backbone's initial
+    weights are made on first use of ``params`` / ``batch_stats``, so that the step can be
+    compiled (from the abstract state) meanwhile."""
 
     trainer: TrainStep
     spec: ModelSpec
-    params: dict  # initial backbone parameters
-    batch_stats: dict
+    seed: int
     num_params: int
     total_steps: int
     warmup_steps: int
     meta: dict  # written with every checkpoint
+
+    @functools.cached_property
+    def _initial(self) -> tuple[dict, dict]:
+        _, params, batch_stats = nnx.split(models.init(self.spec, self.seed), nnx.Param, nnx.BatchStat)
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
+
+    @property
+    def params(self) -> dict:
+        """Initial backbone parameters."""
+        return self._initial[0]
+
+    @property
+    def batch_stats(self) -> dict:
+        """Initial BatchNorm statistics."""
+        return self._initial[1]
 
 
 def build(config, mesh, *, num_classes: int, num_examples: int) -> Setup:
@@ -77,10 +96,10 @@ def build(config, mesh, *, num_classes: int, num_examples: int) -> Setup:
     total_steps, warmup_steps = run_length(config, num_examples)
     validate_run_length(config, total_steps=total_steps, warmup_steps=warmup_steps)
     spec = ModelSpec.from_config(config)
-    model = spec.create(config.seed)
+    model = nnx.eval_shape(lambda: spec.create(config.seed))  # shapes only: no compute yet
     lr = optim.schedule(config, total_steps=total_steps, warmup_steps=warmup_steps)
     head = heads.HEADS[config.head.name].build(config, mesh, num_classes=num_classes, learning_rate=lr)
-    trainer, params, batch_stats = TrainStep.for_model(
+    trainer, _, _ = TrainStep.for_model(
         model,
         head,
         optim.backbone_optimizer(config, lr),
@@ -91,12 +110,13 @@ def build(config, mesh, *, num_classes: int, num_examples: int) -> Setup:
     meta = {
         "model": spec.to_dict(),
         "head": config.head.name,
+        "optimizer": config.optimizer.name,
         "num_classes": num_classes,
         "num_devices": mesh.size,
         "global_batch_size": config.global_batch_size,
         "total_steps": total_steps,
     }
-    return Setup(trainer, spec, params, batch_stats, models.count_params(model), total_steps, warmup_steps, meta)
+    return Setup(trainer, spec, config.seed, models.count_params(model), total_steps, warmup_steps, meta)
 
 
 class _Preemption:
@@ -131,6 +151,23 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def _abstract_batch(config, mesh):
+    """Shapes and shardings of one global batch (images uint8, labels int32)."""
+    batch, size = sharding.batch_sharding(mesh), config.data.image_size
+    return (
+        jax.ShapeDtypeStruct((config.global_batch_size, size, size, 3), np.uint8, sharding=batch),
+        jax.ShapeDtypeStruct((config.global_batch_size,), np.int32, sharding=batch),
+    )
+
+
+def _in_background(work):
+    """``work()`` on a thread of its own; ``.result()`` waits for it (and re-raises)."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pfc_jax-compile")
+    future = pool.submit(work)
+    pool.shutdown(wait=False)
+    return future
+
+
 def _global_batch(mesh, images: np.ndarray, labels: np.ndarray):
     batch = sharding.batch_sharding(mesh)
     return (
@@ -140,60 +177,104 @@ def _global_batch(mesh, images: np.ndarray, labels: np.ndarray):
 
 
 def _check_restored(meta: dict, setup: Setup, step: int, directory) -> None:
+    """Refuses a checkpoint written for another dataset, model, head, optimizer or batch."""
     where = f"checkpoint step {step} in {directory}"
-    if meta["num_classes"] != setup.meta["num_classes"]:
-        raise checkpoint.CheckpointError(
-            f"{where} has num_classes={meta['num_classes']}, this run's dataset has "
-            f"{setup.meta['num_classes']} (use the same dataset or a new --workdir)"
-        )
+    for key, field in (("num_classes", "the dataset"), ("global_batch_size", "config.global_batch_size")):
+        if key in meta and meta[key] != setup.meta[key]:
+            raise checkpoint.CheckpointError(
+                f"{where} was written with {key}={meta[key]}, this run has {setup.meta[key]} "
+                f"(use the same {field}, or a new --workdir)"
+            )
     saved = checkpoint.read_spec(meta)
     if not saved.same_network(setup.spec):
         raise checkpoint.CheckpointError(
             f"{where} was written by model {saved}, this config builds {setup.spec} "
-            "(use the same model or a new --workdir)"
+            "(use the same config.model and config.data.image_size, or a new --workdir)"
         )
-    head = meta.get("head", "partial_fc")  # checkpoints of 0.1.0 name no head: Partial FC
-    if head != setup.meta["head"]:
-        raise checkpoint.CheckpointError(
-            f"{where} was written by head {head!r}, this config uses {setup.meta['head']!r} "
-            "(use the same head or a new --workdir)"
-        )
+    for key, default in (("head", "partial_fc"), ("optimizer", None)):  # 0.1.0 recorded neither
+        written = meta.get(key, default)
+        if written is not None and written != setup.meta[key]:
+            raise checkpoint.CheckpointError(
+                f"{where} was written with {key} {written!r}, this config uses {setup.meta[key]!r} "
+                f"(set --config.{key}.name={written}, or use a new --workdir)"
+            )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains per ``config``, resuming from ``workdir`` if it holds a checkpoint."""
-    # ---- Mesh and config ---------------------------------------------------------------
+    """Trains per ``config``, resuming from ``workdir`` if it holds a checkpoint.
+
+    The workdir is locked for the run (:class:`pfc_jax.workdir.WorkdirLock`). Until the
+    run is known to start (config valid, data and pair sets readable, checkpoint restored
+    or none there), nothing in the workdir changes; a workdir this call created is
+    removed again when the start is refused.
+    """
     mesh = sharding.make_mesh()
     validate(config, num_devices=mesh.size)
     workdir = pathlib.Path(workdir).absolute()
-    lead = jax.process_index() == 0
-    if lead:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-        print(f"config:\n{config}", flush=True)
+    created = not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = False
+    try:
+        with WorkdirLock(workdir, jax.process_index()):
 
-    # ---- Input -----------------------------------------------------------------------------
+            def on_start():
+                nonlocal started
+                started = True
+
+            return _train(config, workdir, mesh, on_start)
+    finally:
+        if created and not started and not any(workdir.iterdir()):
+            workdir.rmdir()
+
+
+def _train(config, workdir: pathlib.Path, mesh, on_start) -> TrainState:
+    lead = jax.process_index() == 0
+    say = (lambda text: print(text, flush=True)) if lead else (lambda text: None)
+    say(f"config:\n{config}")
+
+    # ---- Input -------------------------------------------------------------------------
     source = make_source(config.data)
     loader = make_data(config, source)
 
     # ---- Model, head, optimizers -------------------------------------------------------
+    say(f"building {config.model.name} and the {config.head.name} head ...")
     setup = build(config, mesh, num_classes=source.num_classes, num_examples=len(source))
     trainer = setup.trainer
     end_step = config.stop_at_step or setup.total_steps
 
-    # ---- Restore or initialize ---------------------------------------------------------
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        _check_restored(ckpt.read_meta(latest), setup, latest, ckpt.directory)
-        state, data_state, _ = ckpt.restore(latest, trainer.abstract_state)
+    # ---- Compile (once, ahead of time), in the background while the rest gets ready ------
+    say("compiling the train step (once, in the background) ...")
+    compiling = _in_background(
+        lambda: trainer.jit().lower(trainer.abstract_state, *_abstract_batch(config, mesh)).compile()
+    )
+
+    # ---- Evaluators (pair files loaded now: a bad one stops before anything is written) ----
+    pair_sets = evaluation.make_pair_sets(config, defer_synthetic=True)
+
+    # ---- Restore (the newest readable checkpoint) or initialize -------------------------
+    directory = workdir / "checkpoints"
+    restored = None
+    if directory.is_dir():
+        probe = checkpoint.Checkpointer(directory, read_only=True)
+        try:
+            check = lambda meta, step: _check_restored(meta, setup, step, probe.directory)
+            restored = probe.restore_latest(trainer.abstract_state, check)
+        finally:
+            probe.close()
+    if restored is not None:
+        latest, state, data_state, _ = restored
         loader.restore(data_state)
         what = f"resumed from checkpoint step {latest}"
     else:
+        latest = None
         state = trainer.init(setup.params, setup.batch_stats, jax.random.key(config.seed))
         what = "initialized a new run"
     start_step = int(jax.device_get(state.step))
 
+    # ---- The run starts: from here on it writes to the workdir ------------------------
+    on_start()
+    if lead:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
     reporter = Reporter(
         workdir,
         total_steps=setup.total_steps,
@@ -201,6 +282,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         global_batch=config.global_batch_size,
         enabled=lead,
         tensorboard=config.tensorboard,
+    )
+    ckpt = checkpoint.Checkpointer(
+        directory, keep=config.keep_checkpoints, on_saved=lambda step: reporter.message(f"checkpoint {step} saved")
     )
     reporter.message(
         f"{what} in {workdir}: {config.model.name} ({setup.num_params:,} parameters), "
@@ -213,18 +297,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         reporter.message(f"nothing to do: the checkpoint is at step {start_step}")
         reporter.close()
         ckpt.close()
+        loader.close()
         return state
 
-    # ---- Evaluators (pair files loaded now: a bad one stops before training) ----------------
-    pair_sets = evaluation.make_pair_sets(config)
     embedder = None
     if pair_sets:
         model = nnx.merge(trainer.graphdef, setup.params, setup.batch_stats)
         embedder = Embedder(model, batch_size=config.eval.batch_size, mesh=mesh)
 
-    # ---- Compile (once, ahead of time) -------------------------------------------------
     images, labels = _global_batch(mesh, *next(loader))
-    compiled = trainer.jit().lower(state, images, labels).compile()
+    compiled = compiling.result()
     memory = compiled.memory_analysis()
     if memory is not None:
         reporter.message(
@@ -249,7 +331,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             # (saved, then exit) in the next one.
             preempted = preemption.reached(step)
             is_last = step == end_step
-            log_now = step % config.log_every_steps == 0 or is_last
+            # The first step is logged too: the first loss appears right after compiling.
+            log_now = step % config.log_every_steps == 0 or is_last or step == start_step + 1
             save_now = step % config.checkpoint_every_steps == 0 or is_last or preempted
             if log_now or save_now:
                 metrics = jax.device_get(metrics)

@@ -98,7 +98,7 @@ def test_main_writes_what_the_readme_promises(runs):
     config = json.loads((workdir / "config.json").read_text())
     assert config["model"]["name"] == "iresnet_narrow" and config["total_steps"] == 12
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
+    assert [r["step"] for r in records] == [1, 2, 4, 6, 8, 10, 12]  # the first step, then every 2
     for key in ("loss", "lr", "samples_per_sec", "accuracy", "grad_norm"):
         assert all(np.isfinite(r[key]) for r in records), key
     events = list((workdir / "tensorboard").glob("events.out.tfevents.*"))

@@ -50,16 +50,33 @@ def needs_config(name: str) -> bool:
     return name == SYNTHETIC or not (name.endswith(".bin") or "/" in name)
 
 
-def make_pair_sets(config, names: list[str] | None = None, *, image_size: int | None = None) -> list[PairSet]:
+class _Deferred:
+    """A pair set made on first use (the synthetic one costs seconds to render, and can
+    not fail to load, so a run makes it at its first evaluation rather than at start)."""
+
+    def __init__(self, name: str, make):
+        self.name, self._make, self._set = name, make, None
+
+    def evaluate(self, embed, **kwargs) -> VerificationResult:
+        self._set = self._set or self._make()
+        return self._set.evaluate(embed, **kwargs)
+
+
+def make_pair_sets(
+    config, names: list[str] | None = None, *, image_size: int | None = None, defer_synthetic: bool = False
+) -> list[PairSet]:
     """Loads every pair set named in ``config.eval.bins`` (or ``names``), images resized
     to ``image_size`` (default ``config.data.image_size``). ``config`` may be None when
-    every name is a path."""
+    every name is a path. Files are read now (a bad one raises here); with
+    ``defer_synthetic`` the synthetic set is made when first evaluated."""
     names = bin_names(config.eval.bins) if names is None else names
     image_size = image_size or config.data.image_size
     sets = []
     for name in names:
         if name == SYNTHETIC:
-            sets.append(synthetic_pairs(config))
+            sets.append(
+                _Deferred(SYNTHETIC, lambda: synthetic_pairs(config)) if defer_synthetic else synthetic_pairs(config)
+            )
         else:
             directory = (config.eval.dir or config.data.path) if needs_config(name) else ""
             sets.append(PairSet.load(resolve_bin(name, directory), image_size))

@@ -147,8 +147,7 @@ def export(
 
     start = time.perf_counter()
     output = pathlib.Path(output)
-    if output.is_dir():
-        raise InputError(f"--output {output} is a directory (give a file name such as model.onnx)")
+    cli.require_writable(output, "--output")  # before the work, not after it
     model, spec, step = checkpoint.load_backbone(workdir, step)
     image_size = spec.image_size
     proto = to_onnx(

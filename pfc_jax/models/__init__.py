@@ -130,6 +130,30 @@ class ModelSpec:
         )
 
 
+# XLA options for programs that run once (initialization): compile fast, run slower.
+_QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def run_once(fn, *args, **jit_kwargs):
+    """``jax.jit(fn, **jit_kwargs)(*args)`` compiled without XLA's backend optimizations:
+    for programs that run once, such as initialization, whose compile time would
+    otherwise dominate (e.g. ~6 s vs ~1.5 s for a narrow iResNet's initializers on a
+    2-core CPU)."""
+    try:
+        compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile(_QUICK_COMPILE)
+    except Exception:  # noqa: BLE001 - a backend that rejects the options: compile as usual
+        compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile()
+    return compiled(*args)
+
+
+def init(spec: ModelSpec, seed: int = 0) -> nnx.Module:
+    """``spec.create(seed)`` as one compiled program: the same parameters, but one XLA
+    compilation instead of one per initializer (tens of them, ~9 s for a narrow iResNet
+    on a 2-core CPU), see :func:`run_once`."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: spec.create(seed)))
+    return nnx.merge(graphdef, run_once(lambda: nnx.state(spec.create(seed))))
+
+
 def create(
     name: str,
     *,
