@@ -17,6 +17,7 @@ from pfc_jax.data.augment import Augment, decode
 from pfc_jax.data.recordio import RecordIODataset, RecordIOError
 from pfc_jax.data.sources import ImageFolder, SourceError, TFDSDataset
 from pfc_jax.data.synthetic import SyntheticIdentities
+from pfc_jax.errors import InputError
 from tests.cli_helpers import exits_with
 
 MAGIC = struct.pack("<I", 0xCED7230A)
@@ -250,6 +251,32 @@ def test_synth_writer_cli(tmp_path):
     train_hashes = {hashlib.md5(ds[i]["encoded"]).hexdigest() for i in range(len(ds))}
     assert not train_hashes & {hashlib.md5(b).hexdigest() for b in bins}
     assert not os.path.exists(str(tmp_path / "s") + ".incomplete")
+
+
+SMALL = ["--identities", "2", "--images-per-id", "2", "--image-size", "16", "--pairs", "0"]
+
+
+def test_synth_refuses_a_non_empty_out_folder_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with exits_with(capsys, rf"^error: {out} exists and is not empty \(choose another --out, or pass --overwrite"):
+        synth.main(["--out", str(out), *SMALL])
+    assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+    assert not os.path.exists(str(out) + ".incomplete")
+    with pytest.raises(InputError, match="exists and is not empty"):
+        synth.write(str(out), identities=2, images_per_id=2, image_size=16, pairs=0, progress=False)
+    assert os.listdir(out) == ["notes.txt"]
+    synth.main(["--out", str(out), "--overwrite", *SMALL])
+    assert sorted(os.listdir(out)) == ["property", "train.idx", "train.rec"]
+    assert len(RecordIODataset(str(out))) == 4
+
+
+def test_synth_writes_into_an_empty_existing_folder(tmp_path, capsys):
+    out = tmp_path / "empty"
+    out.mkdir()
+    synth.main(["--out", str(out), *SMALL])
+    assert len(RecordIODataset(str(out))) == 4 and "wrote" in capsys.readouterr().out
 
 
 # ---- TFDS (ArrayRecord, no TensorFlow) ---------------------------------------------------
