@@ -317,12 +317,15 @@ def read_spec(meta: dict) -> ModelSpec:
         raise CheckpointError(f"the checkpoint's metadata has no readable model description ({e})") from None
 
 
-def load_backbone(workdir: str | pathlib.Path, step: int | None = None) -> Backbone:
+def load_backbone(
+    workdir: str | pathlib.Path, step: int | None = None, *, log: Callable[[str], object] | None = None
+) -> Backbone:
     """The trained backbone alone (no centers): ``(model, spec, step)``.
 
     The model is float32 whatever it was trained in; call it with ``train=False``.
     ``step`` defaults to the latest checkpoint. Raises :class:`CheckpointError` when the
-    workdir has no (such) checkpoint or the checkpoint cannot be read.
+    workdir has no (such) checkpoint or the checkpoint cannot be read. ``log`` gets
+    ``"loading checkpoint step N of WORKDIR"`` before the (slow) read.
     """
     directory = pathlib.Path(workdir).absolute() / "checkpoints"
     if not directory.is_dir():
@@ -342,6 +345,8 @@ def load_backbone(workdir: str | pathlib.Path, step: int | None = None) -> Backb
         raise CheckpointError(
             f"no checkpoint for step {step} in {directory}; available: {sorted(steps)} (choose one of them)"
         )
+    if log is not None:
+        log(f"loading checkpoint step {step} of {workdir}")
     try:
         model, spec = _restore_backbone(manager, step)
     except (OSError, ValueError, KeyError) as e:  # a step folder with missing or damaged items

@@ -15,6 +15,7 @@ This module imports no JAX, so ``--help`` and usage errors answer at once.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections.abc import Callable
 
@@ -40,6 +41,30 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{message} (see {self.prog} --help)")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` keeps the docstring's layout and shows every option's default, also for
+    an option without a help text; not for flags, a default of None or an empty list (not
+    given), nor where the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if _shows_default(action) and "%(default)" not in help and "(default" not in help:
+            help += " (default: %(default)s)" if help else "(default: %(default)s)"
+        return help
+
+    def _format_action(self, action):
+        if not action.help and _shows_default(action):
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    if action.default in (None, argparse.SUPPRESS, [], ()) or action.nargs == 0:
+        return False
+    return bool(action.option_strings) or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+
+
 def parser(prog: str, doc: str | None, **kwargs) -> ArgumentParser:
     """A parser for ``python -m <prog>`` described by the first line of ``doc`` (the
     module docstring), with the rest of it as the epilog of ``--help``."""
@@ -47,8 +72,8 @@ def parser(prog: str, doc: str | None, **kwargs) -> ArgumentParser:
     return ArgumentParser(
         prog=f"python -m {prog}",
         description=first,
-        epilog=rest.strip() or None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=rest.strip("\n").rstrip() or None,  # keeps the first line's indent
+        formatter_class=HelpFormatter,
         **kwargs,
     )
 

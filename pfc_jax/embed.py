@@ -150,7 +150,7 @@ def _parse(argv):
         parser.add_argument(
             "--out", required=True, help="the .npy file to write; the image paths go beside it in <name>.paths.txt"
         )
-        parser.add_argument("--batch-size", type=cli.positive_int, default=64, help="images per forward (default 64)")
+        parser.add_argument("--batch-size", type=cli.positive_int, default=64, help="images per forward")
     args = parser.parse_args(argv[1:] if compare else argv)
     args.command = "compare" if compare else "embed"
     if args.step is not None and args.onnx:

@@ -7,13 +7,15 @@
 
 ``--bin synthetic`` evaluates on held-out identities of the synthetic world the run was
 trained on (read from the workdir's config.json). Only the backbone is loaded, never the
-class centers. Prints a table; ``--json`` prints one JSON object instead.
+class centers. Prints a table; ``--json`` prints one JSON object instead. Progress
+(the checkpoint, each pair set loading and embedding, IJB features) goes to stderr.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 from pfc_jax import cli
 from pfc_jax.errors import InputError
@@ -53,22 +55,27 @@ def _workdir_config(workdir: pathlib.Path, names: list[str]):
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def run(args) -> dict:
     from pfc_jax import evaluation
     from pfc_jax.evaluation import ijb
     from pfc_jax.inference import Embedder
+    from pfc_jax.progress import Progress
 
     if not args.bin and not args.ijb:
         raise InputError("nothing to evaluate (give --bin NAME... and/or --ijb DIR)")
     workdir = pathlib.Path(args.workdir)
     protocol = ijb.IJBProtocol.load(args.ijb, args.ijb_target) if args.ijb else None  # fail before loading
-    embedder = Embedder.from_workdir(workdir, args.step, batch_size=args.batch_size)
+    embedder = Embedder.from_workdir(workdir, args.step, batch_size=args.batch_size, log=_log)
     sets = []
     if args.bin:
         # Names resolve exactly as config.eval.bins does in training; paths need no config.
         needs_config = any(evaluation.needs_config(name) for name in args.bin)
         config = _workdir_config(workdir, args.bin) if needs_config else None
-        sets = evaluation.make_pair_sets(config, args.bin, image_size=embedder.image_size)
+        sets = evaluation.make_pair_sets(config, args.bin, image_size=embedder.image_size, log=_log)
     out = {
         "workdir": str(workdir.absolute()),
         "step": embedder.step,
@@ -76,7 +83,13 @@ def run(args) -> dict:
         "bins": {},
     }
     for s in sets:
-        out["bins"][s.name] = {"pairs": int(len(s.issame)), **s.evaluate(embedder).to_dict()}
+        bar = Progress(len(s.images), f"embedding {s.name}", unit="images")
+        bar.update(0)  # shown before the first batch (which compiles)
+        try:
+            result = s.evaluate(embedder, progress=bar.update)
+        finally:
+            bar.close()  # ends an unfinished line, so an error starts a line of its own
+        out["bins"][s.name] = {"pairs": int(len(s.issame)), **result.to_dict()}
     if protocol is not None:
         features = ijb.extract_features(
             protocol,
@@ -84,7 +97,6 @@ def run(args) -> dict:
             batch_size=embedder.batch_size,
             image_size=embedder.image_size,
             cache_dir=args.cache_dir,
-            progress=not args.json,
         )
         tar = ijb.evaluate(protocol, features, detector_score=not args.no_detector_score)
         out["ijb"] = {

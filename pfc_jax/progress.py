@@ -7,13 +7,13 @@ import time
 
 
 class Progress:
-    """``what: done/total (rate/s)``, rewritten in place about every percent.
+    """``what: done/total unit (rate/s)``, rewritten in place about every percent.
 
-    ``total=None`` shows the count and rate only.
+    ``total=None`` shows the count and rate only; ``update(0)`` shows the line at once.
     """
 
-    def __init__(self, total: int | None, what: str, *, enabled: bool = True):
-        self.total, self.what, self.enabled = total, what, enabled
+    def __init__(self, total: int | None, what: str, *, unit: str = "", enabled: bool = True):
+        self.total, self.what, self.unit, self.enabled = total, what, unit, enabled
         self.start, self.done, self._shown = time.perf_counter(), 0, -1
 
     def update(self, n: int = 1) -> None:
@@ -25,7 +25,8 @@ class Progress:
             self._shown = self.done
             rate = self.done / max(time.perf_counter() - self.start, 1e-9)
             of = f"/{self.total}" if self.total else ""
-            sys.stderr.write(f"\r{self.what}: {self.done}{of} ({rate:,.0f}/s)")
+            unit = f" {self.unit}" if self.unit else ""
+            sys.stderr.write(f"\r{self.what}: {self.done}{of}{unit} ({rate:,.0f}/s)")
             if self.done == self.total:
                 sys.stderr.write("\n")
             sys.stderr.flush()

@@ -129,3 +129,29 @@ def test_main_misspelled_field_keeps_the_hint(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert 'Did you mean "sample_rate"' in out.stderr and out.stderr.count("\n") == 1, out.stderr
     assert not (tmp_path / "w").exists()  # nothing written
+
+
+def _help(capsys, main, *argv) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--help"])
+    assert info.value.code in (0, None)
+    return " ".join(capsys.readouterr().out.split())  # unwrapped
+
+
+def test_help_shows_every_default(capsys, monkeypatch):
+    from pfc_jax import bench, embed
+    from pfc_jax.data import recordio, synth
+
+    monkeypatch.setenv("COLUMNS", "100")
+    head = _help(capsys, bench.main, "head")
+    assert "--batch BATCH global batch B (default: 256)" in head
+    assert "--margin {arcface,cosface} (default: arcface)" in head  # an option without a help text
+    assert "--devices DEVICES devices to shard over (default: all; on CPU, fakes this many) --" in head
+    assert "(default: None)" not in head and "(default: False)" not in head  # not for flags or "not given"
+    text = _help(capsys, synth.main)
+    assert "--image-size IMAGE_SIZE (default: 112)" in text and "JPEG quality (default: 95)" in text
+    assert "--identities IDENTITIES --images-per-id" in text  # required: no default
+    assert "--prefix PREFIX (default: train)" in _help(capsys, recordio.main)
+    text = _help(capsys, embed.main)
+    assert "images per forward (default: 64)" in text and "default 64" not in text

@@ -17,6 +17,8 @@ from pfc_jax.data.augment import Augment, decode
 from pfc_jax.data.recordio import RecordIODataset, RecordIOError
 from pfc_jax.data.sources import ImageFolder, SourceError, TFDSDataset
 from pfc_jax.data.synthetic import SyntheticIdentities
+from pfc_jax.errors import InputError
+from tests.cli_helpers import exits_with
 
 MAGIC = struct.pack("<I", 0xCED7230A)
 
@@ -116,16 +118,54 @@ def test_bad_magic_names_file_and_offset(synth_dir, tmp_path):
         ds[4]
 
 
-def test_truncated_file(synth_dir, tmp_path):
+def truncate(path, by: int) -> int:
+    size = os.path.getsize(path) - by
+    with open(path, "r+b") as f:
+        f.truncate(size)
+    return size
+
+
+def test_truncated_file_is_reported_as_truncated_not_stale(synth_dir, tmp_path):
     d, good = corrupt_copy(synth_dir, tmp_path / "d")
-    last_image = good._index[len(good)]
-    with open(d / "train.rec", "r+b") as f:
-        f.truncate(last_image + 100)
-    with pytest.raises(RecordIOError, match="stale"):  # later offsets now point past the end
+    size = truncate(d / "train.rec", 3000)  # as `truncate -s -3000 train.rec`: later offsets point past the end
+    message = rf"train.rec is truncated at byte {size}: the index expects records up to byte \d+ \(re-copy"
+    with pytest.raises(RecordIOError, match=message):
         RecordIODataset(str(d))
-    with pytest.raises(RecordIOError, match=rf"truncated record at offset {last_image}: needs"):
+    idx = (d / "train.idx").read_bytes()
+    with pytest.raises(RecordIOError, match=rf"train.rec is truncated at byte {size}"):
         recordio.rebuild_index(str(d / "train.rec"), str(d / "train.idx"))
-    assert not os.path.exists(d / "train.idx.tmp")
+    assert (d / "train.idx").read_bytes() == idx and not os.path.exists(d / "train.idx.tmp")
+
+
+def test_truncated_last_record(synth_dir, tmp_path):
+    d, good = corrupt_copy(synth_dir, tmp_path / "d")
+    full = os.path.getsize(d / "train.rec")
+    size = truncate(d / "train.rec", 8)  # every offset is inside the file; the last record is not
+    with pytest.raises(RecordIOError, match=rf"truncated at byte {size}: the index expects records up to byte {full} "):
+        RecordIODataset(str(d))
+
+
+def test_truncated_at_a_record_boundary_gives_no_partial_index(synth_dir, tmp_path):
+    d, good = corrupt_copy(synth_dir, tmp_path / "d")
+    last = max(good._index.values())
+    with open(d / "train.rec", "r+b") as f:
+        f.truncate(last)  # the file now ends cleanly after the previous record
+    idx = (d / "train.idx").read_bytes()
+    with pytest.raises(RecordIOError, match=rf"truncated at byte {last}: the index expects"):
+        recordio.rebuild_index(str(d / "train.rec"), str(d / "train.idx"))
+    assert (d / "train.idx").read_bytes() == idx
+    os.remove(d / "train.idx")  # without the old index, the header record still tells
+    with pytest.raises(RecordIOError, match=rf"truncated at byte {last}: the header record announces"):
+        recordio.rebuild_index(str(d / "train.rec"), str(d / "train.idx"))
+    assert not os.path.exists(d / "train.idx") and not os.path.exists(d / "train.idx.tmp")
+
+
+def test_check_and_index_commands_report_a_truncated_file(synth_dir, tmp_path, capsys):
+    d, _ = corrupt_copy(synth_dir, tmp_path / "d")
+    size = truncate(d / "train.rec", 4000)
+    for command in ("check", "index"):
+        with exits_with(capsys, rf"^error: \S*train.rec is truncated at byte {size}: .*\(re-copy or re-download"):
+            recordio.main([command, str(d)])
 
 
 def test_missing_and_stale_index_offer_a_rebuild(synth_dir, tmp_path):
@@ -140,9 +180,16 @@ def test_missing_and_stale_index_offer_a_rebuild(synth_dir, tmp_path):
     rebuilt = RecordIODataset(str(d))
     assert rebuilt._index == good._index
     # Stale: an index from another file.
-    lines = (d / "train.idx").read_text().splitlines()
+    good_lines = (d / "train.idx").read_text().splitlines()
+    lines = list(good_lines)
     key, offset = lines[-1].split("\t")
     lines[-1] = f"{key}\t{int(offset) + 4}"
+    (d / "train.idx").write_text("\n".join(lines) + "\n")
+    with pytest.raises(RecordIOError, match=r"train.idx is stale.*index"):
+        RecordIODataset(str(d))
+    # Stale: the index of another, longer file (its offsets inside this one are not records).
+    size = os.path.getsize(d / "train.rec")
+    lines = [f"{k}\t{int(o) + 4}" for k, o in (line.split("\t") for line in good_lines)] + [f"999\t{size + 100}"]
     (d / "train.idx").write_text("\n".join(lines) + "\n")
     with pytest.raises(RecordIOError, match=r"train.idx is stale.*index"):
         RecordIODataset(str(d))
@@ -204,6 +251,32 @@ def test_synth_writer_cli(tmp_path):
     train_hashes = {hashlib.md5(ds[i]["encoded"]).hexdigest() for i in range(len(ds))}
     assert not train_hashes & {hashlib.md5(b).hexdigest() for b in bins}
     assert not os.path.exists(str(tmp_path / "s") + ".incomplete")
+
+
+SMALL = ["--identities", "2", "--images-per-id", "2", "--image-size", "16", "--pairs", "0"]
+
+
+def test_synth_refuses_a_non_empty_out_folder_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with exits_with(capsys, rf"^error: {out} exists and is not empty \(choose another --out, or pass --overwrite"):
+        synth.main(["--out", str(out), *SMALL])
+    assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+    assert not os.path.exists(str(out) + ".incomplete")
+    with pytest.raises(InputError, match="exists and is not empty"):
+        synth.write(str(out), identities=2, images_per_id=2, image_size=16, pairs=0, progress=False)
+    assert os.listdir(out) == ["notes.txt"]
+    synth.main(["--out", str(out), "--overwrite", *SMALL])
+    assert sorted(os.listdir(out)) == ["property", "train.idx", "train.rec"]
+    assert len(RecordIODataset(str(out))) == 4
+
+
+def test_synth_writes_into_an_empty_existing_folder(tmp_path, capsys):
+    out = tmp_path / "empty"
+    out.mkdir()
+    synth.main(["--out", str(out), *SMALL])
+    assert len(RecordIODataset(str(out))) == 4 and "wrote" in capsys.readouterr().out
 
 
 # ---- TFDS (ArrayRecord, no TensorFlow) ---------------------------------------------------

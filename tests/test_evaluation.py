@@ -415,6 +415,14 @@ def test_evaluate_cli_on_bin_files_matches_training(trained, tmp_path, capsys):
     )
     assert code == 0, stderr[-3000:]
     result = json.loads(stdout)
+    assert stdout.count("\n") == 1  # one JSON object; the progress goes to stderr
+    lines = [part.strip() for part in stderr.replace("\r", "\n").splitlines() if part.strip()]
+    assert lines[0] == f"loading checkpoint step 40 of {workdir}", stderr[-3000:]
+    assert "loading synth_val: 600 pairs" in lines and "loading synthetic: 600 pairs" in lines, stderr[-3000:]
+    for name in ("synth_val", "synthetic"):
+        counts = [line.split()[2] for line in lines if line.startswith(f"embedding {name}: ")]
+        assert counts[0] == "0/1200" and counts[-1] == "1200/1200" and len(counts) > 2, stderr[-3000:]
+        assert any(line.startswith(f"embedding {name}: 1200/1200 images (") for line in lines)
     assert result["step"] == 40 and result["model"]["name"] == "iresnet_narrow"
     from_file, in_memory = result["bins"]["synth_val"], result["bins"]["synthetic"]
     assert from_file["pairs"] == 600

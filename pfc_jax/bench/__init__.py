@@ -32,7 +32,7 @@ def _parser():
     sub = p.add_subparsers(dest="command", required=True, parser_class=cli.ArgumentParser)
     for name in BENCHMARKS:
         doc = modules[name].__doc__
-        one = sub.add_parser(name, help=doc.strip().splitlines()[0], description=doc)
+        one = sub.add_parser(name, help=doc.strip().splitlines()[0], description=doc, formatter_class=cli.HelpFormatter)
         modules[name].add_arguments(one)
         one.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p

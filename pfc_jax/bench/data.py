@@ -58,7 +58,7 @@ def add_arguments(p) -> None:
         "--augment",
         choices=("flip", "all"),
         default="flip",
-        help="flip: the default; all: every augmentation with probability 0.5",
+        help="flip: random horizontal flips only; all: every augmentation with probability 0.5",
     )
 
 

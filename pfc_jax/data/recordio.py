@@ -117,6 +117,44 @@ class Writer:
         self.close()
 
 
+def _truncated(path: str, size: int, expected: str) -> RecordIOError:
+    return RecordIOError(f"{path} is truncated at byte {size}: {expected} (re-copy or re-download the file)")
+
+
+def _record_end(fd: int, offset: int) -> int | None:
+    """Where the record starting at ``offset`` ends, as its part headers announce it
+    (only headers are read); past the end of the file, the least it needs. None if no
+    record starts at ``offset``."""
+    pos = offset
+    while True:
+        head = os.pread(fd, 8, pos)
+        if len(head) < 8:
+            return pos + 8
+        magic, lrec = struct.unpack("<II", head)
+        if magic != MAGIC:
+            return None if pos == offset else pos  # a damaged later part: read_at reports it
+        length = lrec & _MAX_LENGTH
+        pos += 8 + length + (-length % 4)
+        if lrec >> 29 in (0, 3):
+            return pos
+
+
+def _check_length(fd: int, offsets: Sequence[int], rec_path: str, size: int) -> None:
+    """Raises the truncation error if the indexed ``offsets`` say that ``rec_path`` (of
+    ``size`` bytes) was cut short: some point at or past its end while those inside start
+    records (as in a prefix of the indexed file), or the last record runs past the end.
+    An index that does not fit the file otherwise is left to the stale-index check."""
+    inside = sorted(o for o in offsets if o < size)
+    last = max(offsets)
+    if last >= size:
+        if not inside or all(_record_end(fd, o) is not None for o in (inside[0], inside[-1])):
+            raise _truncated(rec_path, size, f"the index expects records up to byte {last + 8}")
+        return
+    end = _record_end(fd, last)
+    if end is not None and end > size:
+        raise _truncated(rec_path, size, f"the index expects records up to byte {end}")
+
+
 def read_at(fd: int, offset: int, path: str, file_size: int) -> tuple[bytes, int]:
     """Reads the record starting at ``offset`` of the open file descriptor ``fd``:
     (payload, offset of the next record). Positional reads: safe across threads."""
@@ -124,10 +162,7 @@ def read_at(fd: int, offset: int, path: str, file_size: int) -> tuple[bytes, int
     while True:
         head = os.pread(fd, 8, pos)
         if len(head) < 8:
-            raise RecordIOError(
-                f"{path}: truncated record at offset {pos} (the file is {file_size} bytes): "
-                "the file is incomplete; copy or download it again"
-            )
+            raise _truncated(path, file_size, f"the record at offset {pos} needs bytes up to {pos + 8}")
         magic, lrec = struct.unpack("<II", head)
         if magic != MAGIC:
             raise RecordIOError(
@@ -140,10 +175,7 @@ def read_at(fd: int, offset: int, path: str, file_size: int) -> tuple[bytes, int
         padded = length + (-length % 4)
         body = os.pread(fd, padded, pos + 8)
         if len(body) < padded:
-            raise RecordIOError(
-                f"{path}: truncated record at offset {pos}: needs {padded} bytes, the file ends "
-                f"after {len(body)} (it is {file_size} bytes); copy or download it again"
-            )
+            raise _truncated(path, file_size, f"the record at offset {pos} needs bytes up to {pos + 8 + padded}")
         parts.append(body[:length])
         pos += 8 + padded
         if cflag in (0, 3):
@@ -164,7 +196,21 @@ def scan(path: str):
 def rebuild_index(rec_path: str, idx_path: str) -> int:
     """Writes a fresh ``.idx`` by scanning ``.rec``; keys are the headers' ``id`` (as
     insightface writes them) or, if those repeat, the record's position. Returns the count."""
-    entries = [(unpack(payload)[0].id, offset) for offset, payload in scan(rec_path)]
+    size = os.path.getsize(rec_path)
+    entries, announced = [], None
+    for offset, payload in scan(rec_path):  # a record cut short raises here
+        header = unpack(payload)[0]
+        if offset == 0 and header.flag >= 2:
+            announced = int(header.label[1])  # insightface's header record: keys 0 .. b-1
+        entries.append((header.id, offset))
+    # A file cut at a record boundary scans cleanly: the old index or the header record tells.
+    old = _old_offsets(idx_path)
+    if old and max(old) >= size and {o for o in old if o < size} <= {o for _, o in entries}:
+        raise _truncated(rec_path, size, f"the index expects records up to byte {max(old) + 8}")
+    if announced is not None and len(entries) < announced:
+        raise _truncated(
+            rec_path, size, f"the header record announces {announced} records, the file holds {len(entries)}"
+        )
     keys = [k for k, _ in entries]
     if len(set(keys)) != len(keys):
         keys = list(range(len(entries)))
@@ -173,6 +219,15 @@ def rebuild_index(rec_path: str, idx_path: str) -> int:
         f.writelines(f"{k}\t{offset}\n" for k, (_, offset) in zip(keys, entries))
     os.replace(tmp, idx_path)  # atomic: never a half-written index
     return len(entries)
+
+
+def _old_offsets(idx_path: str) -> list[int]:
+    """The offsets of an existing index, or [] if there is none or it does not parse."""
+    try:
+        with open(idx_path) as f:
+            return [int(line.split()[1]) for line in f if line.strip()]
+    except (OSError, ValueError, IndexError):
+        return []
 
 
 # ---- the dataset ------------------------------------------------------------------------
@@ -197,6 +252,7 @@ def _read_index(idx_path: str, rec_path: str) -> dict[int, int]:
         raise RecordIOError(f"{idx_path} is empty; {fix}")
     size = os.path.getsize(rec_path)
     with open(rec_path, "rb") as f:
+        _check_length(f.fileno(), list(index.values()), rec_path, size)
         for key in (min(index, key=index.get), max(index, key=index.get)):
             f.seek(index[key])
             if index[key] >= size or f.read(4) != _MAGIC_BYTES:

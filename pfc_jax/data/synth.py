@@ -75,9 +75,12 @@ def write(
     holdout_identities: int = 100,
     quality: int = 95,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> None:
     """Writes the dataset into ``out`` atomically (a temporary folder renamed at the end;
-    removed if anything fails)."""
+    removed if anything fails). ``out`` may be missing or an empty folder; a folder with
+    files in it is replaced only with ``overwrite`` (otherwise nothing is written)."""
+    _check_out(out, overwrite)
     if pairs and holdout_identities < 2:
         raise InputError(
             f"verification pairs need >= 2 held-out identities, got {holdout_identities} "
@@ -102,17 +105,27 @@ def write(
             bins, issame = verification_pairs(held_out, pairs, seed, quality)
             with open(os.path.join(tmp, "synth_val.bin"), "wb") as f:
                 pickle.dump((bins, issame), f, protocol=4)
+        if overwrite and os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)  # onto an empty folder too; fails if files appeared in it meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    if not os.path.lexists(out):
+        return
+    if not os.path.isdir(out):
+        raise InputError(f"{out} exists and is not a folder (choose another --out)")
+    if os.listdir(out) and not overwrite:
+        raise InputError(f"{out} exists and is not empty (choose another --out, or pass --overwrite to replace it)")
 
 
 def _parser():
     p = cli.parser("pfc_jax.data.synth", __doc__)
-    p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+    p.add_argument("--out", required=True, help="output folder: new or empty, unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
     p.add_argument("--identities", type=cli.positive_int, required=True)
     p.add_argument("--images-per-id", type=cli.positive_int, required=True)
     p.add_argument("--image-size", type=cli.positive_int, default=112)
@@ -135,6 +148,7 @@ def _synth(args) -> None:
         pairs=args.pairs,
         holdout_identities=args.holdout_identities,
         quality=args.quality,
+        overwrite=args.overwrite,
     )
     print(
         f"wrote {args.out}: {args.identities * args.images_per_id} images of {args.identities} "

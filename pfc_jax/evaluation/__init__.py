@@ -13,6 +13,7 @@ evaluators and for ``python -m pfc_jax.evaluate``:
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 
 import numpy as np
 
@@ -33,10 +34,13 @@ def resolve_bin(name: str, directory: str) -> pathlib.Path:
     return pathlib.Path(directory) / f"{name}.bin"
 
 
-def synthetic_pairs(config, num_pairs: int = 600) -> PairSet:
+def synthetic_pairs(config, num_pairs: int = 600, *, log: Callable[[str], object] | None = None) -> PairSet:
     """Pairs of identities the synthetic training set does not contain: the same pairs
     ``python -m pfc_jax.data.synth`` writes to ``synth_val.bin`` for that world."""
     from pfc_jax.data.synth import held_out_identities, verification_pairs
+
+    if log is not None:
+        log(f"loading {SYNTHETIC}: {num_pairs} pairs")
 
     syn = config.data.synthetic
     held_out = held_out_identities(syn.num_identities, syn.images_per_identity, config.data.image_size, syn.seed)
@@ -63,23 +67,28 @@ class _Deferred:
 
 
 def make_pair_sets(
-    config, names: list[str] | None = None, *, image_size: int | None = None, defer_synthetic: bool = False
+    config,
+    names: list[str] | None = None,
+    *,
+    image_size: int | None = None,
+    log: Callable[[str], object] | None = None,
+    defer_synthetic: bool = False,
 ) -> list[PairSet]:
     """Loads every pair set named in ``config.eval.bins`` (or ``names``), images resized
     to ``image_size`` (default ``config.data.image_size``). ``config`` may be None when
-    every name is a path. Files are read now (a bad one raises here); with
-    ``defer_synthetic`` the synthetic set is made when first evaluated."""
+    every name is a path. ``log`` gets ``"loading NAME: P pairs"`` as each one starts.
+    Files are read now (a bad one raises here); with ``defer_synthetic`` the synthetic
+    set is made when first evaluated."""
     names = bin_names(config.eval.bins) if names is None else names
     image_size = image_size or config.data.image_size
     sets = []
     for name in names:
         if name == SYNTHETIC:
-            sets.append(
-                _Deferred(SYNTHETIC, lambda: synthetic_pairs(config)) if defer_synthetic else synthetic_pairs(config)
-            )
+            make = lambda: synthetic_pairs(config, log=log)
+            sets.append(_Deferred(SYNTHETIC, make) if defer_synthetic else make())
         else:
             directory = (config.eval.dir or config.data.path) if needs_config(name) else ""
-            sets.append(PairSet.load(resolve_bin(name, directory), image_size))
+            sets.append(PairSet.load(resolve_bin(name, directory), image_size, log=log))
     return sets
 
 

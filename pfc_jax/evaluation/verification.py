@@ -221,11 +221,26 @@ class PairSet:
     issame: np.ndarray
 
     @classmethod
-    def load(cls, path: str | pathlib.Path, image_size: int = 112) -> PairSet:
+    def load(
+        cls, path: str | pathlib.Path, image_size: int = 112, *, log: Callable[[str], object] | None = None
+    ) -> PairSet:
+        """Reads and decodes a ``.bin`` file; ``log`` gets ``"loading NAME: P pairs"``
+        before the images are decoded."""
         encoded, issame = load_bin(path)
         name = pathlib.Path(path).stem
+        if log is not None:
+            log(f"loading {name}: {len(issame)} pairs")
         return cls(name, decode_images(encoded, image_size, name=str(path)), issame)
 
-    def evaluate(self, embed: Callable[..., np.ndarray], *, flip: bool = True) -> VerificationResult:
-        """``embed(images, flip=...)`` -> [N, D] (e.g. an :class:`~pfc_jax.inference.Embedder`)."""
-        return evaluate_pairs(embed(self.images, flip=flip), self.issame)
+    def evaluate(
+        self,
+        embed: Callable[..., np.ndarray],
+        *,
+        flip: bool = True,
+        progress: Callable[[int], object] | None = None,
+    ) -> VerificationResult:
+        """``embed(images, flip=...)`` -> [N, D] (e.g. an :class:`~pfc_jax.inference.Embedder`).
+        With ``progress``, ``embed`` is also passed ``progress=`` (the Embedder calls it with
+        the number of images of each chunk it has embedded)."""
+        extra = {} if progress is None else {"progress": progress}
+        return evaluate_pairs(embed(self.images, flip=flip, **extra), self.issame)

@@ -216,14 +216,12 @@ def _parser():
     cli.add_workdir(p)
     cli.add_step(p)
     p.add_argument("--output", required=True, help="the .onnx file to write")
-    p.add_argument(
-        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET} or later (default {DEFAULT_OPSET})"
-    )
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET} or later")
     p.add_argument(
         "--atol",
         type=float,
         default=1e-4,
-        help="largest accepted |onnxruntime - JAX| on the check batches (default 1e-4)",
+        help="largest accepted |onnxruntime - JAX| on the check batches",
     )
     return p
 

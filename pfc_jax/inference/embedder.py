@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -81,11 +81,14 @@ class Embedder:
         self._weights = jax.device_put((params, batch_stats), self._replicated)
 
     @classmethod
-    def from_workdir(cls, workdir: str | pathlib.Path, step: int | None = None, **kw) -> Embedder:
-        """The backbone of ``workdir``'s checkpoint ``step`` (default: the latest)."""
+    def from_workdir(
+        cls, workdir: str | pathlib.Path, step: int | None = None, *, log: Callable[[str], object] | None = None, **kw
+    ) -> Embedder:
+        """The backbone of ``workdir``'s checkpoint ``step`` (default: the latest);
+        ``log`` gets a line once the step is known, before it is read."""
         from pfc_jax import checkpoint
 
-        model, spec, step = checkpoint.load_backbone(workdir, step)
+        model, spec, step = checkpoint.load_backbone(workdir, step, log=log)
         return cls(model, spec=spec, step=step, **kw)
 
     @property
@@ -113,11 +116,18 @@ class Embedder:
                 out = multihost_utils.process_allgather(out, tiled=True)
             yield np.asarray(out)[:n]
 
-    def __call__(self, images: np.ndarray, *, flip: bool = False) -> np.ndarray:
-        """Embeddings of all ``images`` (uint8 [N, S, S, 3]) as float32 [N, D]."""
+    def __call__(
+        self, images: np.ndarray, *, flip: bool = False, progress: Callable[[int], object] | None = None
+    ) -> np.ndarray:
+        """Embeddings of all ``images`` (uint8 [N, S, S, 3]) as float32 [N, D].
+        ``progress(n)`` is called after each chunk of ``n`` images (e.g. ``Progress.update``)."""
         images = np.asarray(images)
         chunks = (images[i : i + self.batch_size] for i in range(0, len(images), self.batch_size))
-        out = list(self.embed_batches(chunks, flip=flip))
+        out = []
+        for features in self.embed_batches(chunks, flip=flip):
+            out.append(features)
+            if progress is not None:
+                progress(len(features))
         if not out:
             dim = self.spec.embedding_dim if self.spec else 0
             return np.zeros((0, dim), np.float32)
