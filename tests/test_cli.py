@@ -118,6 +118,13 @@ def test_bad_data_exits_2(tmp_path, capsys):
     workdir = ROOT / "tests" / "fixtures" / "workdir_v0"
     with exits_with(capsys, "5 pairs cannot be split into 10 folds"):
         evaluate.main(["--workdir", str(workdir), "--bin", str(tmp_path / "five.bin")])
+    # Outputs that cannot be written are refused before the work, not after it.
+    from pfc_jax import embed, export
+
+    with exits_with(capsys, "five.bin is a file, not a folder"):
+        export.main(["--workdir", str(workdir), "--output", str(tmp_path / "five.bin" / "m.onnx")])
+    with exits_with(capsys, "--out /proc/feats.npy: cannot write in /proc"):
+        embed.main(["--workdir", str(workdir), "--images", str(tmp_path), "--out", "/proc/feats.npy"])
 
 
 def test_main_misspelled_field_keeps_the_hint(tmp_path):

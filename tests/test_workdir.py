@@ -8,11 +8,13 @@ import pathlib
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 
 import pytest
+from tensorboardX.proto import event_pb2
 
 from pfc_jax.workdir import WorkdirInUse, WorkdirLock
 
@@ -176,7 +178,23 @@ def test_metrics_hold_one_history_after_a_resume(base, tmp_path):
     shutil.rmtree(workdir / "checkpoints" / "4")
     with open(workdir / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 1.0')  # and a torn last line
-    out = run_main(workdir)
+    out = run_main(workdir, "--config.tensorboard=True")
     assert out.returncode == 0 and "resumed from checkpoint step 2" in out.stdout, out.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+    # TensorBoard: the resumed run's events start with a purge of the steps after 2.
+    (events,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
+    starts = [e.step for e in _events(events) if e.session_log.status == event_pb2.SessionLog.START]
+    assert starts == [3]
+
+
+def _events(path: pathlib.Path):
+    """The Event records of a TensorBoard event file (TFRecord framing: length, its CRC,
+    data, its CRC)."""
+    data, at = path.read_bytes(), 0
+    while at < len(data):
+        (length,) = struct.unpack_from("<Q", data, at)
+        event = event_pb2.Event()
+        event.ParseFromString(data[at + 12 : at + 12 + length])
+        yield event
+        at += 12 + length + 4
