@@ -136,6 +136,12 @@ def test_main_misspelled_field_keeps_the_hint(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert 'Did you mean "sample_rate"' in out.stderr and out.stderr.count("\n") == 1, out.stderr
     assert not (tmp_path / "w").exists()  # nothing written
+    out = subprocess.run(
+        [sys.executable, "-m", "pfc_jax.main", "--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path / "w")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert "nope.py" in out.stderr and not (tmp_path / "w").exists()
 
 
 def _help(capsys, main, *argv) -> str:
