@@ -223,8 +223,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
             return _train(config, workdir, mesh, on_start)
     finally:
-        if created and not started and not any(workdir.iterdir()):
-            workdir.rmdir()
+        if created and not started:
+            try:
+                workdir.rmdir()  # only if empty; another process may have removed it already
+            except OSError:
+                pass
 
 
 def _train(config, workdir: pathlib.Path, mesh, on_start) -> TrainState:
