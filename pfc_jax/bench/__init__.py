@@ -16,11 +16,10 @@ import sys
 
 from pfc_jax import cli
 
-# name -> its module (add_arguments, run, and the docstring's first line as help).
-BENCHMARKS = ("head", "train", "data")
-
 
 def _modules():
+    """name -> its module: ``add_arguments(parser)``, ``run(args) -> Report``, and a
+    docstring whose first line is the sub-command's help."""
     from pfc_jax.bench import data, head, train
 
     return {"head": head, "train": train, "data": data}
@@ -30,10 +29,10 @@ def _parser():
     modules = _modules()
     p = cli.parser("pfc_jax.bench", __doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=cli.ArgumentParser)
-    for name in BENCHMARKS:
-        doc = modules[name].__doc__
+    for name, module in modules.items():
+        doc = module.__doc__
         one = sub.add_parser(name, help=doc.strip().splitlines()[0], description=doc, formatter_class=cli.HelpFormatter)
-        modules[name].add_arguments(one)
+        module.add_arguments(one)
         one.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 

@@ -1,4 +1,4 @@
-"""``bench data``: the input pipeline alone (read, JPEG decode, augment, batch).
+"""Times the input pipeline alone: read, JPEG decode, augment, batch (``bench data``).
 
 Reports images/s and images per CPU-second (all of the process's and its workers' CPU
 time). Without ``--source`` it writes a temporary synthetic RecordIO dataset of 112x112

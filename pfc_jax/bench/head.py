@@ -1,4 +1,4 @@
-"""``bench head``: one whole Partial FC head step on a fixed batch of embeddings.
+"""Times one whole Partial FC head step on a fixed batch of embeddings (``bench head``).
 
 Sample, gather, forward, backward and the sparse optimizer update, with a new sampling
 key every step. Reports the median / min / max milliseconds per step, the per-device
