@@ -1,4 +1,4 @@
-"""Times the input pipeline alone: read, JPEG decode, augment, batch (``bench data``).
+"""Times the input pipeline alone: read, JPEG decode, augment, batch.
 
 Reports images/s and images per CPU-second (all of the process's and its workers' CPU
 time). Without ``--source`` it writes a temporary synthetic RecordIO dataset of 112x112

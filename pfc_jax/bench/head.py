@@ -1,4 +1,4 @@
-"""Times one whole Partial FC head step on a fixed batch of embeddings (``bench head``).
+"""Times one whole Partial FC head step on a fixed batch of embeddings.
 
 Sample, gather, forward, backward and the sparse optimizer update, with a new sampling
 key every step. Reports the median / min / max milliseconds per step, the per-device

@@ -1,4 +1,4 @@
-"""Times the trainer's own step, built from a recipe as ``main`` builds it (``bench train``).
+"""Times the trainer's own step, built from a recipe as ``main`` builds it.
 
 The full step (:meth:`pfc_jax.step.TrainStep.jit`: backbone forward/backward, head, both
 optimizer updates) and the backbone's part of it alone
