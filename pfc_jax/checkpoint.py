@@ -251,6 +251,28 @@ class Checkpointer:
         )
         return state, out[DATA], out[META]
 
+    def restore_backbone(self, step: int):
+        """``(model, spec)``: the backbone item of ``step`` alone (numpy arrays, float32),
+        in the network its :class:`ModelSpec` describes; never reads the head."""
+        from flax import nnx
+
+        spec = read_spec(self.read_meta(step))
+        abstract_model = nnx.eval_shape(lambda: spec.create(dtype="float32"))  # shapes only
+        graphdef, params, stats = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
+        target = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{BACKBONE: ocp.args.PyTreeRestore(abstract, restore_args=as_numpy)})
+            )[BACKBONE]
+        except Exception as e:  # noqa: BLE001 - a step folder with missing or damaged items
+            raise CheckpointError(
+                f"cannot read the backbone of checkpoint step {step} in {self.directory}: {_brief(e)} "
+                "(choose another --step, or delete the damaged step folder)"
+            ) from None
+        return nnx.merge(graphdef, restored["params"], restored["batch_stats"]), spec
+
     def restore_latest(self, abstract: TrainState, check: Callable[[dict, int], None] = lambda meta, step: None):
         """The newest step that restores: ``(step, state, data_state, meta)``, or None
         when there is no checkpoint.
@@ -330,52 +352,20 @@ def load_backbone(
     directory = pathlib.Path(workdir).absolute() / "checkpoints"
     if not directory.is_dir():
         raise CheckpointError(f"{workdir} has no checkpoints/ directory (is it a pfc_jax training workdir?)")
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax notes that a read-only manager is read-only
+    ckpt = Checkpointer(directory, read_only=True)
     try:
-        manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+        steps = ckpt.all_steps()
+        if not steps:
+            raise CheckpointError(f"no complete checkpoint in {directory} (train first, or check the --workdir)")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise CheckpointError(
+                f"no checkpoint for step {step} in {directory}; available: {sorted(steps)} (choose one of them)"
+            )
+        if log is not None:
+            log(f"loading checkpoint step {step} of {workdir}")
+        model, spec = ckpt.restore_backbone(step)
     finally:
-        absl_logging.set_verbosity(verbosity)
-    steps = list(manager.all_steps())
-    if not steps:
-        raise CheckpointError(f"no complete checkpoint in {directory} (train first, or check the --workdir)")
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
-        raise CheckpointError(
-            f"no checkpoint for step {step} in {directory}; available: {sorted(steps)} (choose one of them)"
-        )
-    if log is not None:
-        log(f"loading checkpoint step {step} of {workdir}")
-    try:
-        model, spec = _restore_backbone(manager, step)
-    except (OSError, ValueError, KeyError) as e:  # a step folder with missing or damaged items
-        raise CheckpointError(
-            f"cannot read the backbone of checkpoint step {step} in {directory}: {type(e).__name__}: {e} "
-            "(choose another --step, or delete the damaged step folder)"
-        ) from None
-    finally:
-        manager.close()
+        ckpt.close()
     return Backbone(model, spec, step)
-
-
-def _restore_backbone(manager, step: int):
-    from flax import nnx
-
-    meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
-    spec = read_spec(meta)
-    graphdef, params, stats = nnx.split(spec.create(dtype="float32"), nnx.Param, nnx.BatchStat)
-    target = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            **{
-                BACKBONE: ocp.args.PyTreeRestore(
-                    abstract,
-                    restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract),
-                )
-            }
-        ),
-    )[BACKBONE]
-    return nnx.merge(graphdef, restored["params"], restored["batch_stats"]), spec
