@@ -69,12 +69,12 @@ class TrainStep:
     dtype: Any = jnp.float32
 
     @classmethod
-    def for_model(cls, model: nnx.Module, head: Head, tx, schedule, **kw) -> tuple[TrainStep, dict, dict]:
-        """``(train step, initial params, initial batch_stats)`` for an NNX backbone."""
+    def for_model(cls, model: nnx.Module, head: Head, tx, schedule, **kw) -> TrainStep:
+        """The train step of an NNX backbone; only its structure and shapes are read, so
+        an abstract one (``nnx.eval_shape``) does."""
         graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-        params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
-        backbone = jax.tree.map(_shape, (params, batch_stats))
-        return cls(graphdef, backbone, head, tx, schedule, **kw), params, batch_stats
+        backbone = jax.tree.map(_shape, (nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)))
+        return cls(graphdef, backbone, head, tx, schedule, **kw)
 
     @property
     def mesh(self):

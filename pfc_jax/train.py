@@ -99,7 +99,7 @@ def build(config, mesh, *, num_classes: int, num_examples: int) -> Setup:
     model = nnx.eval_shape(lambda: spec.create(config.seed))  # shapes only: no compute yet
     lr = optim.schedule(config, total_steps=total_steps, warmup_steps=warmup_steps)
     head = heads.HEADS[config.head.name].build(config, mesh, num_classes=num_classes, learning_rate=lr)
-    trainer, _, _ = TrainStep.for_model(
+    trainer = TrainStep.for_model(
         model,
         head,
         optim.backbone_optimizer(config, lr),
