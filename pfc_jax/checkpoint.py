@@ -19,8 +19,10 @@ That holds for every leaf of the head's state that is split by rows over the dev
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -145,16 +147,16 @@ class Checkpointer:
         async_options = None
         if self._on_saved is not None and self._async:
             async_options = ocp.AsyncOptions(post_finalization_callback=self._committed)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=self._keep,
-            enable_async_checkpointing=self._async,
-            create=not self._read_only,
-            read_only=self._read_only,
-            async_options=async_options,
-        )
         verbosity = absl_logging.get_verbosity()
         absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax notes that a read-only manager is read-only
         try:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self._keep,
+                enable_async_checkpointing=self._async,
+                create=not self._read_only,
+                read_only=self._read_only,
+                async_options=async_options,
+            )
             return ocp.CheckpointManager(self.directory, options=options)
         finally:
             absl_logging.set_verbosity(verbosity)
@@ -200,16 +202,16 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - Orbax raises many types for missing/corrupt files
             raise DamagedCheckpoint(f"checkpoint step {step}: its metadata cannot be read ({_brief(e)})") from None
 
-    def restore(self, step: int, abstract: TrainState) -> tuple[TrainState, dict, dict]:
+    def restore(self, step: int, abstract: TrainState, meta: dict | None = None) -> tuple[TrainState, dict, dict]:
         """(state, data_state, meta) at ``step``, laid out like ``abstract`` (shapes,
         dtypes, shardings of this run: any device count).
 
         Raises :class:`CheckpointError` naming the first leaf where the checkpoint's state
         differs from this run's, and :class:`DamagedCheckpoint` when it fits but cannot be
         read. (Checkpoints of 0.1.0 carry no signature: a failure there is reported as
-        either, without a verdict.)
+        either, without a verdict.) ``meta``: the step's metadata, when already read.
         """
-        meta = self.read_meta(step)
+        meta = self.read_meta(step) if meta is None else meta
         where = f"checkpoint step {step} in {self.directory}"
         saved = meta.get("state")
         if saved is not None:
@@ -220,6 +222,7 @@ class Checkpointer:
                     f"{self.directory.parent / 'config.json'}, or use a new --workdir)"
                 )
         backbone, train = _split(abstract)
+        _silence_failed_reads()
         try:
             out = self._manager.restore(
                 step,
@@ -262,6 +265,7 @@ class Checkpointer:
         target = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+        _silence_failed_reads()
         try:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(**{BACKBONE: ocp.args.PyTreeRestore(abstract, restore_args=as_numpy)})
@@ -287,7 +291,7 @@ class Checkpointer:
             try:
                 meta = self.read_meta(step)
                 check(meta, step)
-                state, data_state, meta = self.restore(step, abstract)
+                state, data_state, meta = self.restore(step, abstract, meta)
                 return step, state, data_state, meta
             except DamagedCheckpoint as e:
                 moved.append(self._move_aside(step, e))
@@ -323,6 +327,27 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _silence_failed_reads() -> None:
+    """When a restore fails on damaged files, Orbax closes its event loop while TensorStore
+    reads are still in flight; their errors then surface as asyncio's "exception was never
+    retrieved" log records and as reports from callbacks into the closed loop, possibly
+    before the failed restore even returns. The failure is reported once, as it should be;
+    these echoes are silenced for the process, from before the first restore on."""
+    global _silenced
+    if _silenced:
+        return
+    _silenced = True
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    closed_loop = lambda error: isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+    # TensorStore's callbacks report through either hook, depending on the thread.
+    sys.unraisablehook = lambda u: None if closed_loop(u.exc_value) else unraisable(u)
+    sys.excepthook = lambda kind, error, tb: None if closed_loop(error) else excepthook(kind, error, tb)
+
+
+_silenced = False
 
 
 def _brief(error: Exception) -> str:
