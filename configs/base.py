@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.head.sample_rate = 1.0  # fraction of class centers per step; 1.0 = full softmax
     c.head.weight_decay = 5e-4  # weight decay of the class centers (sampled rows only)
     c.head.logits_dtype = "float32"  # dtype of the logits matmul's operands (pfc_jax.models.DTYPES)
+    c.head.count_samples = False  # count per class the steps it was sampled (pfc_jax.study sets it)
     # Combined margin s * (cos(m1*theta + m2) - m3): ArcFace (1, 0.5, 0), CosFace (1, 0, 0.4).
     c.head.margin = ml_collections.ConfigDict()
     c.head.margin.s = 64.0
@@ -93,11 +94,36 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.synthetic.num_identities = 1000
     c.data.synthetic.images_per_identity = 50
     c.data.synthetic.seed = 0  # which synthetic world (independent of c.seed)
+    # The hard long-tailed benchmark (data.source = "hard_synthetic", configs/study.py);
+    # see pfc_jax.data.hard_synthetic for what each field does.
+    c.data.hard_synthetic = ml_collections.ConfigDict()
+    c.data.hard_synthetic.num_identities = 20_000
+    c.data.hard_synthetic.min_images = 2  # images per identity: Pareto law from min_images ...
+    c.data.hard_synthetic.max_images = 300  # ... clipped here
+    c.data.hard_synthetic.tail = 1.1  # Pareto exponent (smaller: a longer tail)
+    c.data.hard_synthetic.family_size = 4  # look-alike identities per family (1: none)
+    c.data.hard_synthetic.family_spread = 0.5  # distance between look-alikes (0: identical)
+    c.data.hard_synthetic.blobs = 8
+    c.data.hard_synthetic.rotation = 15.0  # degrees, +-
+    c.data.hard_synthetic.scale = 0.1  # relative, +-
+    c.data.hard_synthetic.shift = 0.08  # of the image size, +-
+    c.data.hard_synthetic.light = 0.3  # gain / offset / light-gradient strength
+    c.data.hard_synthetic.occlusion = 0.3  # probability of an occluding patch
+    c.data.hard_synthetic.blur = 0.3  # probability of a blur
+    c.data.hard_synthetic.noise = 0.04  # pixel noise std
+    c.data.hard_synthetic.seed = 0  # which world (independent of c.seed)
+    # Its held-out identities (eval.bins = "synthetic" and the study's 1:1 set).
+    c.data.hard_synthetic_eval = ml_collections.ConfigDict()
+    c.data.hard_synthetic_eval.pairs = 6000  # 10 folds, half positive, half the negatives look-alikes
+    c.data.hard_synthetic_eval.pair_identities = 2000
+    c.data.hard_synthetic_eval.tar_identities = 300  # all-vs-all: TAR at FAR 1e-3 / 1e-4
+    c.data.hard_synthetic_eval.images_each = 8
 
     # Verification during training (pfc_jax.evaluation): flip-summed embeddings, 10 folds.
     c.eval = ml_collections.ConfigDict()
     # Comma-separated pair sets: a name ("lfw, cfp_fp, agedb_30") is <eval.dir>/<name>.bin,
-    # a path ending in .bin is that file, "synthetic" is held-out synthetic identities.
+    # a path ending in .bin is that file, "synthetic" is held-out identities of the
+    # synthetic world trained on (data.source synthetic or hard_synthetic).
     c.eval.bins = ""
     c.eval.dir = ""  # where named .bin files are; "" = data.path
     c.eval.every_steps = 2000  # and at the last step; 0 = only at the last step

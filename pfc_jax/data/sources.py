@@ -7,6 +7,8 @@ bytes, decoded by the pipeline's workers). Sources open files lazily and pickle
 cheaply, so data-loader worker processes can carry them.
 
 * ``synthetic``: :class:`pfc_jax.data.synthetic.SyntheticIdentities`;
+* ``hard_synthetic``: :class:`pfc_jax.data.hard_synthetic.HardSyntheticIdentities`, the
+  long-tailed benchmark of ``python -m pfc_jax.study``;
 * ``recordio``: :class:`pfc_jax.data.recordio.RecordIODataset` (insightface folders);
 * ``folder``: :class:`ImageFolder`, one sub-folder of aligned faces per identity;
 * ``tfds``: :class:`TFDSDataset`, an ArrayRecord dataset built by
@@ -136,6 +138,12 @@ def _synthetic(d):
     return SyntheticIdentities(s.num_identities, s.images_per_identity, image_size=d.image_size, seed=s.seed)
 
 
+def _hard_synthetic(d):
+    from pfc_jax.data.hard_synthetic import HardSyntheticIdentities, World
+
+    return HardSyntheticIdentities(World.from_config(d.hard_synthetic), image_size=d.image_size)
+
+
 def _recordio(d):
     from pfc_jax.data.recordio import RecordIODataset
 
@@ -145,6 +153,16 @@ def _recordio(d):
 def _check_synthetic(c) -> None:
     c.positive_int("data.synthetic.num_identities")
     c.positive_int("data.synthetic.images_per_identity")
+
+
+def _check_hard_synthetic(c) -> None:
+    from pfc_jax.data.hard_synthetic import HeldOut, World
+
+    for group, cls in (("data.hard_synthetic", World), ("data.hard_synthetic_eval", HeldOut)):
+        try:
+            cls(**c.get(group).to_dict())
+        except (InputError, TypeError) as e:
+            c.fail_group(group, e)
 
 
 def _check_tfds(c) -> None:
@@ -172,6 +190,7 @@ class SourceEntry:
 # config.data.source -> entry; config validation and the trainer read this.
 SOURCES: dict[str, SourceEntry] = {
     "synthetic": SourceEntry(_synthetic, check=_check_synthetic),
+    "hard_synthetic": SourceEntry(_hard_synthetic, check=_check_hard_synthetic),
     "recordio": SourceEntry(_recordio, "the folder with train.rec, train.idx and property"),
     "tfds": SourceEntry(lambda d: TFDSDataset(d.path, d.tfds_name), "the TFDS data_dir", _check_tfds),
     "folder": SourceEntry(lambda d: ImageFolder(d.path), "the root of the identity folders"),

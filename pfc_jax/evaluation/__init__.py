@@ -4,7 +4,8 @@
 evaluators and for ``python -m pfc_jax.evaluate``:
 
 * ``synthetic``: pairs of held-out identities of the built-in synthetic world (the ones
-  ``python -m pfc_jax.data.synth`` writes to ``synth_val.bin``), made in memory;
+  ``python -m pfc_jax.data.synth`` writes to ``synth_val.bin``), or of the hard benchmark
+  when the run trains on ``hard_synthetic``, made in memory;
 * a name such as ``lfw``: the file ``<eval.dir>/lfw.bin`` (``eval.dir`` defaults to
   ``data.path``, where insightface's datasets keep their pair files);
 * a path ending in ``.bin``: that file.
@@ -35,13 +36,25 @@ def resolve_bin(name: str, directory: str) -> pathlib.Path:
 
 
 def synthetic_pairs(config, num_pairs: int = 600, *, log: Callable[[str], object] | None = None) -> PairSet:
-    """Pairs of identities the synthetic training set does not contain: the same pairs
-    ``python -m pfc_jax.data.synth`` writes to ``synth_val.bin`` for that world."""
+    """Pairs of identities the synthetic training set does not contain. For
+    ``data.source = "hard_synthetic"``: its held-out pair set
+    (``config.data.hard_synthetic_eval``); otherwise the same pairs ``python -m
+    pfc_jax.data.synth`` writes to ``synth_val.bin`` for the default world."""
     from pfc_jax.data.synth import held_out_identities, verification_pairs
+
+    if config.data.source == "hard_synthetic":
+        from pfc_jax.data import hard_synthetic as hard
+
+        world = hard.World.from_config(config.data.hard_synthetic)
+        held = hard.HeldOut.from_config(config.data.hard_synthetic_eval)
+        if log is not None:
+            log(f"loading {SYNTHETIC}: {held.pairs} pairs of held-out hard_synthetic identities")
+        source = hard.held_out(world, held, config.data.image_size, "pairs")
+        images, issame = hard.verification_pairs(source, held.pairs)
+        return PairSet(SYNTHETIC, images, issame)
 
     if log is not None:
         log(f"loading {SYNTHETIC}: {num_pairs} pairs")
-
     syn = config.data.synthetic
     held_out = held_out_identities(syn.num_identities, syn.images_per_identity, config.data.image_size, syn.seed)
     encoded, issame = verification_pairs(held_out, num_pairs, syn.seed, quality=95)

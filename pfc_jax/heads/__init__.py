@@ -53,6 +53,10 @@ class Head(Protocol):
     def describe(self, global_batch: int) -> str:
         """A few words for the run's start message (sizes per device)."""
 
+    # Optional, read by the quality study (pfc_jax.study) where a head has them:
+    #   class_weights(state) -> f32[num_classes, D]: each class's stored (or generated) weight;
+    #   sample_counts(state) -> i32[num_classes] | None: steps each class's weight was updated.
+
 
 def step(head: Head, state: PyTree, embeddings: jax.Array, labels: jax.Array, key: jax.Array):
     """One whole head step on one batch: ``(new_state, grad_embeddings, metrics)``, with

@@ -50,6 +50,15 @@ class HeadState(NamedTuple):
     opt_state: PyTree
 
 
+class CountedHeadState(NamedTuple):
+    """:class:`HeadState` plus ``sampled`` i32[C_pad] (rows sharded): how many steps each
+    class's center was in the sample, i.e. updated (``count_samples=True``)."""
+
+    centers: jax.Array
+    opt_state: PyTree
+    sampled: jax.Array
+
+
 class Sample(NamedTuple):
     """Per-shard :class:`~pfc_jax.heads.sampler.ShardSample` blocks, concatenated.
 
@@ -82,6 +91,8 @@ class PartialFC:
       optimizer: optax transform for the centers (per-element; see :mod:`pfc_jax.optim`).
       logits_dtype: dtype of the normalized operands of the logits matmul (accumulation
         is always fp32). bfloat16 halves its cost on accelerators at ~3 digits of cosine.
+      count_samples: keep a per-class count of the steps its center was sampled
+        (:class:`CountedHeadState`; the quality study's staleness figures read it).
     """
 
     mesh: Mesh
@@ -91,6 +102,7 @@ class PartialFC:
     margin: CombinedMargin
     optimizer: optax.GradientTransformation
     logits_dtype: Any = jnp.float32
+    count_samples: bool = False
 
     def __post_init__(self):
         if self.num_classes < 1:
@@ -150,7 +162,12 @@ class PartialFC:
         opt_shape = jax.eval_shape(self.optimizer.init, shape)
         is_row = SparseRows.row_leaves(opt_shape, shape.shape)
         rows, whole = sharding.row_sharding(self.mesh), sharding.replicated(self.mesh)
-        return HeadState(rows, jax.tree.map(lambda r: rows if r else whole, is_row))
+        opt = jax.tree.map(lambda r: rows if r else whole, is_row)
+        return self._state(rows, opt, jax.sharding.NamedSharding(self.mesh, _SPLIT))
+
+    def _state(self, centers, opt_state, sampled):
+        """The state type this head keeps (``sampled`` is dropped without counting)."""
+        return CountedHeadState(centers, opt_state, sampled) if self.count_samples else HeadState(centers, opt_state)
 
     def init_state(self, key: jax.Array, std: float = 0.01) -> HeadState:
         """Centers ~ N(0, std^2) (padding rows zero) and fresh optimizer state.
@@ -163,7 +180,7 @@ class PartialFC:
         centers = std * jax.random.normal(key, shape, jnp.float32)
         real = jnp.arange(shape[0])[:, None] < self.num_classes
         centers = jnp.where(real, centers, 0.0)
-        return HeadState(centers, self.optimizer.init(centers))
+        return self._state(centers, self.optimizer.init(centers), jnp.zeros(shape[:1], jnp.int32))
 
     def init(self, key: jax.Array, std: float = 0.01) -> HeadState:
         """:meth:`init_state`, compiled and sharded."""
@@ -245,7 +262,10 @@ class PartialFC:
 
         placed = jax.make_array_from_callback(padded_shape, shardings.centers, block)
         opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(placed)
-        return HeadState(placed, opt_state)
+        sampled = (
+            jax.device_put(np.zeros(padded_shape[:1], np.int32), shardings.sampled) if self.count_samples else None
+        )
+        return self._state(placed, opt_state, sampled)
 
     # ---- the four stages -----------------------------------------------------------
 
@@ -348,9 +368,10 @@ class PartialFC:
             # A dense update of the donated buffers; padding rows keep their values.
             keep = sample.active[:, None]
             pick = lambda new, old, row: jnp.where(keep, new, old) if row else new
-            return HeadState(
+            return self._state(
                 jnp.where(keep, new_rows, state.centers),
                 jax.tree.map(pick, new_state_rows, state.opt_state, is_row),
+                state.sampled + sample.active if self.count_samples else None,
             )
         state_specs = jax.tree.map(lambda r: _ROWS if r else P(), is_row)
         num_local = self.num_local
@@ -364,7 +385,16 @@ class PartialFC:
             (_ROWS, state_specs, _SPLIT, _SPLIT, _ROWS, state_specs),
             (_ROWS, state_specs),
         )(state.centers, state.opt_state, sample.index, sample.active, new_rows, new_state_rows)
-        return HeadState(centers, opt_state)
+        sampled = None
+        if self.count_samples:
+
+            def count(sampled, index, active):
+                return sampled.at[write_index(index, active, num_local)].add(1, mode="drop")
+
+            sampled = self._shard_map(count, (_SPLIT, _SPLIT, _SPLIT), _SPLIT)(
+                state.sampled, sample.index, sample.active
+            )
+        return self._state(centers, opt_state, sampled)
 
     # ---- the trainer's contract (pfc_jax.heads.Head) ----------------------------------
 
@@ -394,6 +424,14 @@ class PartialFC:
 
     def describe(self, global_batch: int) -> str:
         return f"{self.num_local:,} centers each, {self.num_sample(global_batch):,} sampled per step"
+
+    def class_weights(self, state: HeadState) -> jax.Array:
+        """f32[num_classes, D]: the stored weight of every class, in label order."""
+        return state.centers[: self.num_classes]
+
+    def sample_counts(self, state: HeadState) -> jax.Array | None:
+        """i32[num_classes]: steps each class was sampled (None without ``count_samples``)."""
+        return state.sampled[: self.num_classes] if self.count_samples else None
 
     # ---- the whole step --------------------------------------------------------------
 
@@ -438,6 +476,7 @@ def from_config(config, mesh: Mesh, *, num_classes: int, learning_rate) -> Parti
         margin=CombinedMargin(**h.margin.to_dict()),
         optimizer=optim.head_optimizer(config, learning_rate),
         logits_dtype=models.DTYPES[h.logits_dtype],
+        count_samples=h.count_samples,
     )
 
 
@@ -446,6 +485,12 @@ def check_config(c) -> None:
     c.in_range("head.sample_rate", 0.0, 1.0)
     c.in_range("head.weight_decay", 0.0, float("inf"))
     c.choice("head.logits_dtype", models.DTYPES)
+    c.that(
+        isinstance(c.config.head.count_samples, bool),
+        "head.count_samples",
+        c.config.head.count_samples,
+        "must be True or False",
+    )
     try:
         CombinedMargin(**c.config.head.margin.to_dict())
     except (ValueError, TypeError) as e:
