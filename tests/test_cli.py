@@ -37,6 +37,10 @@ def _cases(tmp: pathlib.Path):
         ),
         "data.synth": (["--out", str(tmp / "s"), "--identities", "-3", "--images-per-id", "2"], ["--identities", "2"]),
         "data.recordio": (["rebuild", missing], ["check", missing]),
+        "study": (
+            ["--config", str(ROOT / "configs" / "study.py"), "--out", str(tmp / "s"), "--arms", "partial_fc:rte=1"],
+            ["--config", str(tmp / "nope.py"), "--out", str(tmp / "s"), "--arms", "partial_fc"],
+        ),
     }
 
 
@@ -79,6 +83,8 @@ def test_messages_name_the_problem(results):
     assert "no_such_recipe.py: no such file" in results["bench", "missing input"][1]
     assert "invalid choice: 'rebuild'" in results["data.recordio", "bad argument"][1]
     assert "no_such_workdir" in results["data.recordio", "missing input"][1]
+    assert "config.head has no field 'rte'" in results["study", "bad argument"][1]
+    assert "nope.py" in results["study", "missing input"][1]
 
 
 @pytest.mark.parametrize("command", list(_cases(pathlib.Path("/tmp"))))

@@ -118,12 +118,15 @@ def run_one(config, workdir: pathlib.Path, *, arm: Arm, options: Options, say, l
             f"in {workdir}: run the same command again to resume"
         )
     say(f"== {label}: measuring")
+    trained = time.perf_counter()
+    measured = measure(config, state, workdir, options)
     result = {
         "arm": arm.name,
         "seed": int(config.seed),
         "steps": steps,
-        "train_session_s": time.perf_counter() - start,
-        **measure(config, state, workdir, options),
+        "train_session_s": trained - start,  # this session's training (a resumed run: its last part)
+        "measure_s": time.perf_counter() - trained,
+        **measured,
         "config": _config_dict(config),
     }
     write_atomic(result_path, json.dumps(result, indent=1))
@@ -195,10 +198,14 @@ def _staleness(config, head, state, source, embedder, options: Options) -> dict 
     picked = np.concatenate(
         [order[starts[c] : starts[c] + min(options.staleness_images, images_per_class[c])] for c in classes]
     )
-    size = config.data.image_size
+    size, chunk = config.data.image_size, 8192  # images held at once
+    parts = []
     with concurrent.futures.ThreadPoolExecutor(config.data.threads) as pool:
-        images = np.stack(list(pool.map(lambda i: decode(source[int(i)], size), picked, chunksize=256)))
-    embeddings = embedder(images, flip=False)
+        for start in range(0, len(picked), chunk):
+            load = lambda i: decode(source[int(i)], size)
+            images = np.stack(list(pool.map(load, picked[start : start + chunk], chunksize=256)))
+            parts.append(embedder(images, flip=False))
+    embeddings = np.concatenate(parts)
     weights = np.asarray(jax.device_get(head.class_weights(state.head)))
     remap = np.full(source.num_classes, -1)
     remap[classes] = np.arange(len(classes))
