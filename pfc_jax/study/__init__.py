@@ -8,7 +8,15 @@ training images/s, the head's memory, and the *staleness* of the class weights p
 class frequency. :mod:`pfc_jax.study.report` writes the summary.
 """
 
-from pfc_jax.study.arms import Arm, parse_arms
-from pfc_jax.study.runner import Options, run_study
+import importlib
+
+# Imported on first use, so that ``python -m pfc_jax.study --help`` does not import JAX.
+_WHERE = {"Arm": "arms", "parse_arms": "arms", "Options": "runner", "run_study": "runner"}
 
 __all__ = ["Arm", "Options", "parse_arms", "run_study"]
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"pfc_jax.study.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'pfc_jax.study' has no attribute {name!r}")
