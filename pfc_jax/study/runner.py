@@ -24,6 +24,7 @@ from flax import nnx
 
 from pfc_jax import evaluation, heads, sharding
 from pfc_jax.data.augment import decode
+from pfc_jax.data.sources import make_source
 from pfc_jax.errors import InputError, RunError
 from pfc_jax.study import metrics, report
 from pfc_jax.study.arms import Arm
@@ -85,7 +86,7 @@ def run_study(
         for k in range(seeds):
             run_config = arm.apply(config)
             run_config.seed = config.seed + k
-            run_config.head.count_samples = run_config.head.name == "partial_fc" or run_config.head.count_samples
+            run_config.head.count_samples = True  # heads that keep no counts ignore it
             workdir = out / arm.slug / f"seed{k}"
             results.setdefault(arm.name, []).append(
                 run_one(run_config, workdir, arm=arm, options=options, say=say, label=f"{arm.name} seed {k}")
@@ -111,7 +112,8 @@ def run_one(config, workdir: pathlib.Path, *, arm: Arm, options: Options, say, l
         say(f"== {label}: training in {workdir}")
     start = time.perf_counter()
     state = train.train_and_evaluate(config, workdir)
-    steps, total = int(jax.device_get(state.step)), _total_steps(config)
+    source = make_source(config.data)
+    steps, total = int(jax.device_get(state.step)), train.run_length(config, len(source))[0]
     if steps < total:
         raise RunError(
             f"{label} stopped at step {steps} of {total} (SIGTERM or config.stop_at_step); its checkpoint is "
@@ -119,7 +121,7 @@ def run_one(config, workdir: pathlib.Path, *, arm: Arm, options: Options, say, l
         )
     say(f"== {label}: measuring")
     trained = time.perf_counter()
-    measured = measure(config, state, workdir, options)
+    measured = measure(config, state, source, workdir, options)
     result = {
         "arm": arm.name,
         "seed": int(config.seed),
@@ -134,25 +136,16 @@ def run_one(config, workdir: pathlib.Path, *, arm: Arm, options: Options, say, l
     return result
 
 
-def _total_steps(config) -> int:
-    from pfc_jax import train
-    from pfc_jax.data.sources import make_source
-
-    return train.run_length(config, len(make_source(config.data)))[0]
-
-
 # ---- measurements ------------------------------------------------------------------------
 
 
-def measure(config, state, workdir: pathlib.Path, options: Options) -> dict:
+def measure(config, state, source, workdir: pathlib.Path, options: Options) -> dict:
     """Held-out verification, TAR@FAR (hard_synthetic's 1:1 set), staleness, throughput
-    and head memory of a trained state."""
+    and head memory of a trained state (``source``: the training set)."""
     from pfc_jax import train
-    from pfc_jax.data.sources import make_source
     from pfc_jax.inference import Embedder
 
     mesh = sharding.make_mesh()
-    source = make_source(config.data)
     setup = train.build(config, mesh, num_classes=source.num_classes, num_examples=len(source))
     model = nnx.merge(setup.trainer.graphdef, setup.params, setup.batch_stats)
     embedder = Embedder(model, batch_size=config.eval.batch_size, mesh=mesh)
