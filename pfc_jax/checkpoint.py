@@ -1,9 +1,11 @@
 """Checkpoints with Orbax: periodic async saves, keep-N, atomic, resume on any device count.
 
-Each step directory under ``<workdir>/checkpoints`` holds four items:
+Each step directory under ``<workdir>/checkpoints`` holds four or five items:
 
 * ``backbone``: params and BatchNorm statistics, all an inference tool needs
   (:func:`load_backbone` reads only this and ``meta``, never the centers);
+* ``ema``: the same for the backbone's moving average, in runs that keep one (DCQ's key
+  encoder); :func:`load_backbone` reads it instead when asked for the EMA encoder;
 * ``train``: step, backbone optimizer state, class centers and their optimizer state,
   the PRNG key;
 * ``data``: the data iterator's position (JSON);
@@ -36,7 +38,8 @@ from pfc_jax.errors import InputError
 from pfc_jax.models import ModelSpec
 from pfc_jax.step import TrainState
 
-BACKBONE, TRAIN, DATA, META = "backbone", "train", "data", "meta"
+BACKBONE, EMA, TRAIN, DATA, META = "backbone", "ema", "train", "data", "meta"
+ENCODERS = ("online", "ema")  # which backbone an inference tool reads
 
 
 class CheckpointError(InputError):
@@ -49,12 +52,18 @@ class Backbone(NamedTuple):
     model: Any  # the NNX backbone, float32, to be called with train=False
     spec: ModelSpec
     step: int
+    encoder: str  # "online" (the trained backbone) or "ema" (its moving average)
 
 
-def _split(state: TrainState):
-    backbone = {"params": state.params, "batch_stats": state.batch_stats}
-    train = {"step": state.step, "opt_state": state.opt_state, "head": state.head, "rng": state.rng}
-    return backbone, train
+def _split(state: TrainState) -> dict:
+    """The state as Orbax items (``ema`` only where the run keeps one)."""
+    items = {
+        BACKBONE: {"params": state.params, "batch_stats": state.batch_stats},
+        TRAIN: {"step": state.step, "opt_state": state.opt_state, "head": state.head, "rng": state.rng},
+    }
+    if state.ema is not None:
+        items[EMA] = state.ema
+    return items
 
 
 def _restore_args(abstract):
@@ -79,9 +88,8 @@ def state_signature(state: TrainState) -> list[list]:
     versions), the leading size of row-split leaves left out (it follows the device count).
     Saved in ``meta["state"]`` so that a resume can tell a checkpoint that differs from
     this run's state (and where) from one that is damaged."""
-    backbone, train = _split(state)
     out = []
-    for item, tree in ((BACKBONE, backbone), (TRAIN, train)):
+    for item, tree in _split(state).items():
         for path, leaf in _leaves(tree):
             shape = list(leaf.shape)
             spec = getattr(getattr(leaf, "sharding", None), "spec", None)
@@ -96,6 +104,8 @@ def _hint(path: str) -> str:
         return "the backbone's optimizer (config.optimizer.*)"
     if path.startswith(f"{TRAIN}['head']"):
         return "the head (config.head.*)"
+    if path.startswith(EMA):
+        return "whether the run keeps an EMA of the backbone (config.ema.enabled, config.head.name)"
     return "the model (config.model.*)"
 
 
@@ -176,18 +186,16 @@ class Checkpointer:
         """Starts an (async) save at ``state.step``; returns that step. ``meta`` gets the
         state's signature (:func:`state_signature`) added."""
         step = int(jax.device_get(state.step))
-        backbone, train = _split(state)
         self._manager.wait_until_finished()  # one save in flight: on_saved names the right step
         self._saving = step
         self._manager.save(
             step,
             args=ocp.args.Composite(
+                **{name: ocp.args.PyTreeSave(tree) for name, tree in _split(state).items()},
                 **{
-                    BACKBONE: ocp.args.PyTreeSave(backbone),
-                    TRAIN: ocp.args.PyTreeSave(train),
                     DATA: ocp.args.JsonSave(data_state),
                     META: ocp.args.JsonSave({**meta, "state": state_signature(state)}),
-                }
+                },
             ),
             force=True,
         )
@@ -221,18 +229,20 @@ class Checkpointer:
                     f"{where} does not fit this run: {difference} (resume with the config it was written with, "
                     f"{self.directory.parent / 'config.json'}, or use a new --workdir)"
                 )
-        backbone, train = _split(abstract)
+        items = _split(abstract)
         _silence_failed_reads()
         try:
             out = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
                     **{
-                        BACKBONE: ocp.args.PyTreeRestore(backbone, restore_args=_restore_args(backbone)),
-                        TRAIN: ocp.args.PyTreeRestore(train, restore_args=_restore_args(train)),
+                        name: ocp.args.PyTreeRestore(tree, restore_args=_restore_args(tree))
+                        for name, tree in items.items()
+                    },
+                    **{
                         DATA: ocp.args.JsonRestore(),
                         META: ocp.args.JsonRestore(),
-                    }
+                    },
                 ),
             )
         except Exception as e:  # noqa: BLE001 - Orbax raises many types for missing/corrupt files
@@ -251,31 +261,46 @@ class Checkpointer:
             opt_state=t["opt_state"],
             head=t["head"],
             rng=t["rng"],
+            ema=out[EMA] if EMA in items else None,
         )
         return state, out[DATA], out[META]
 
-    def restore_backbone(self, step: int):
-        """``(model, spec)``: the backbone item of ``step`` alone (numpy arrays, float32),
-        in the network its :class:`ModelSpec` describes; never reads the head."""
+    def restore_backbone(self, step: int, encoder: str | None = None):
+        """``(model, spec, encoder)``: the backbone item of ``step`` alone (numpy arrays,
+        float32), in the network its :class:`ModelSpec` describes; never reads the head.
+        ``encoder``: ``"online"`` (the trained backbone) or ``"ema"`` (its moving average);
+        None: the one the run evaluates (``meta["eval_encoder"]``, online before 0.3)."""
         from flax import nnx
 
-        spec = read_spec(self.read_meta(step))
+        meta = self.read_meta(step)
+        spec = read_spec(meta)
+        encoder = encoder or meta.get("eval_encoder", "online")
+        if encoder not in ENCODERS:
+            raise CheckpointError(f"unknown encoder {encoder!r} (choose one of {', '.join(ENCODERS)})")
+        if encoder == "ema" and not meta.get("ema", False):
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} has no EMA encoder (the run kept none: "
+                "config.ema.enabled); use the online encoder (--encoder online)"
+            )
         abstract_model = nnx.eval_shape(lambda: spec.create(dtype="float32"))  # shapes only
         graphdef, params, stats = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
         target = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
+        item = EMA if encoder == "ema" else BACKBONE
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
         _silence_failed_reads()
         try:
             restored = self._manager.restore(
-                step, args=ocp.args.Composite(**{BACKBONE: ocp.args.PyTreeRestore(abstract, restore_args=as_numpy)})
-            )[BACKBONE]
+                step,
+                args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(abstract, restore_args=as_numpy)}),
+            )[item]
         except Exception as e:  # noqa: BLE001 - a step folder with missing or damaged items
+            what = "EMA backbone" if encoder == "ema" else "backbone"
             raise CheckpointError(
-                f"cannot read the backbone of checkpoint step {step} in {self.directory}: {_brief(e)} "
+                f"cannot read the {what} of checkpoint step {step} in {self.directory}: {_brief(e)} "
                 "(choose another --step, or delete the damaged step folder)"
             ) from None
-        return nnx.merge(graphdef, restored["params"], restored["batch_stats"]), spec
+        return nnx.merge(graphdef, restored["params"], restored["batch_stats"]), spec, encoder
 
     def restore_latest(self, abstract: TrainState, check: Callable[[dict, int], None] = lambda meta, step: None):
         """The newest step that restores: ``(step, state, data_state, meta)``, or None
@@ -365,14 +390,20 @@ def read_spec(meta: dict) -> ModelSpec:
 
 
 def load_backbone(
-    workdir: str | pathlib.Path, step: int | None = None, *, log: Callable[[str], object] | None = None
+    workdir: str | pathlib.Path,
+    step: int | None = None,
+    *,
+    encoder: str | None = None,
+    log: Callable[[str], object] | None = None,
 ) -> Backbone:
-    """The trained backbone alone (no centers): ``(model, spec, step)``.
+    """The trained backbone alone (no centers): ``(model, spec, step, encoder)``.
 
     The model is float32 whatever it was trained in; call it with ``train=False``.
-    ``step`` defaults to the latest checkpoint. Raises :class:`CheckpointError` when the
-    workdir has no (such) checkpoint or the checkpoint cannot be read. ``log`` gets
-    ``"loading checkpoint step N of WORKDIR"`` before the (slow) read.
+    ``step`` defaults to the latest checkpoint. ``encoder``: ``"online"`` or ``"ema"``
+    (the moving average, where the run kept one); None: the run's ``eval.encoder``
+    (DCQ: ema). Raises :class:`CheckpointError` when the workdir has no (such) checkpoint
+    or the checkpoint cannot be read. ``log`` gets ``"loading checkpoint step N of
+    WORKDIR"`` before the (slow) read.
     """
     directory = pathlib.Path(workdir).absolute() / "checkpoints"
     if not directory.is_dir():
@@ -389,8 +420,9 @@ def load_backbone(
                 f"no checkpoint for step {step} in {directory}; available: {sorted(steps)} (choose one of them)"
             )
         if log is not None:
-            log(f"loading checkpoint step {step} of {workdir}")
-        model, spec = ckpt.restore_backbone(step)
+            which = "" if encoder in (None, "online") else f" ({encoder} encoder)"
+            log(f"loading checkpoint step {step}{which} of {workdir}")
+        model, spec, encoder = ckpt.restore_backbone(step, encoder)
     finally:
         ckpt.close()
-    return Backbone(model, spec, step)
+    return Backbone(model, spec, step, encoder)

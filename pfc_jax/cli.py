@@ -113,6 +113,17 @@ def add_step(p: argparse.ArgumentParser):
     )
 
 
+def add_encoder(p: argparse.ArgumentParser):
+    """``--encoder``: which backbone of the checkpoint (default: the run's eval.encoder)."""
+    return p.add_argument(
+        "--encoder",
+        choices=("online", "ema"),
+        default=None,
+        help="online: the trained backbone; ema: its moving average, where the run kept one "
+        "(default: the run's eval.encoder; DCQ: ema)",
+    )
+
+
 def require_writable(path, flag: str) -> None:
     """Raises :class:`InputError` unless a file can be written at ``path`` (given as
     ``flag``): checked before the work, not after it. Probes by creating and removing a

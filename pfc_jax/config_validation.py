@@ -92,6 +92,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     c.in_range("model.dropout", 0.0, 1.0, high_open=True)
 
     c.choice("head.name", heads.HEADS)
+    c.choice("data.sampler", ("auto", *SAMPLERS))
+    c.positive_int("data.images_per_identity_in_batch", minimum=0)
+    c.choice("ema.enabled", ("auto", "on", "off"))
+    c.in_range("ema.momentum", 0.0, 1.0, high_open=True)
+    c.choice("eval.encoder", ("auto", "online", "ema"))
+    _check_requirements(c, num_devices)
     heads.HEADS[config.head.name].check(c)
 
     c.choice("optimizer.name", optim.OPTIMIZERS)
@@ -112,16 +118,6 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     c.positive_int("data.image_size", minimum=16)
     c.positive_int("data.threads")
     c.positive_int("data.workers", minimum=0)
-    c.choice("data.sampler", SAMPLERS)
-    c.positive_int("data.images_per_identity_in_batch")
-    if config.data.sampler == "identity_balanced":
-        k = config.data.images_per_identity_in_batch
-        c.that(
-            config.global_batch_size % k == 0,
-            "data.images_per_identity_in_batch",
-            k,
-            f"must divide global_batch_size ({config.global_batch_size})",
-        )
     for name in config.data.augment:
         c.in_range(f"data.augment.{name}", 0.0, 1.0)
     source = SOURCES[config.data.source]
@@ -148,6 +144,47 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     c.positive_int("checkpoint_every_steps")
     c.positive_int("keep_checkpoints")
     c.that(isinstance(config.tensorboard, bool), "tensorboard", config.tensorboard, "must be True or False")
+
+
+def _check_requirements(c: Check, num_devices: int) -> None:
+    """The sampler, EMA and evaluated encoder the head needs (:func:`heads.requirements`)."""
+    config = c.config
+    entry, need = heads.HEADS[config.head.name], heads.requirements(config)
+    name, k = config.head.name, need.images_per_identity
+    if need.sampler == "identity_balanced":
+        c.that(
+            config.global_batch_size % k == 0,
+            "data.images_per_identity_in_batch",
+            k,
+            f"must divide global_batch_size ({config.global_batch_size})",
+        )
+    if entry.images_per_identity:
+        c.that(
+            need.sampler == "identity_balanced",
+            "data.sampler",
+            config.data.sampler,
+            f"head {name!r} needs {entry.images_per_identity} images of each identity in every batch: "
+            "use identity_balanced (or auto)",
+        )
+        c.that(
+            k >= entry.images_per_identity,
+            "data.images_per_identity_in_batch",
+            k,
+            f"head {name!r} needs >= {entry.images_per_identity} images per identity (0 = its default)",
+        )
+        rows = config.global_batch_size // (num_devices * config.grad_accum_steps)
+        c.that(
+            rows % k == 0,
+            "global_batch_size",
+            config.global_batch_size,
+            f"head {name!r} needs each device's micro-batch ({rows} images = global batch / (devices x "
+            f"grad_accum_steps)) to be whole identities of {k} images: use a multiple of {num_devices} x "
+            f"{config.grad_accum_steps} x {k}",
+        )
+    if entry.key_encoder == "ema":
+        c.that(need.ema, "ema.enabled", config.ema.enabled, f"head {name!r} needs the EMA of the backbone: auto or on")
+    if need.eval_encoder == "ema":
+        c.that(need.ema, "ema.enabled", config.ema.enabled, "eval.encoder = ema needs an EMA: auto or on")
 
 
 def validate_run_length(config, *, total_steps: int, warmup_steps: int) -> None:

@@ -79,7 +79,12 @@ def read_image(path: str | pathlib.Path, size: int) -> np.ndarray:
 
 
 def load_embedder(
-    *, onnx: str | None = None, workdir: str | None = None, step: int | None = None, batch_size: int = 64
+    *,
+    onnx: str | None = None,
+    workdir: str | None = None,
+    step: int | None = None,
+    encoder: str | None = None,
+    batch_size: int = 64,
 ):
     """An :class:`~pfc_jax.inference.OnnxEmbedder` or, for a workdir, an :class:`~pfc_jax.inference.Embedder`."""
     if onnx is not None:
@@ -88,7 +93,7 @@ def load_embedder(
         return OnnxEmbedder(onnx, batch_size)
     from pfc_jax.inference import Embedder
 
-    return Embedder.from_workdir(workdir, step, batch_size=batch_size)
+    return Embedder.from_workdir(workdir, step, encoder=encoder, batch_size=batch_size)
 
 
 def _decoded_batches(paths: Sequence[pathlib.Path], size: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -144,6 +149,7 @@ def _parse(argv):
     model.add_argument("--onnx", help="an exported model (python -m pfc_jax.export)")
     cli.add_workdir(model, required=False, help="a training workdir (its checkpoint's backbone, run by JAX)")
     cli.add_step(parser)
+    cli.add_encoder(parser)
     parser.add_argument("--flip", action="store_true", help="add the embedding of the mirrored image")
     if not compare:
         parser.add_argument("--images", required=True, help="a folder of images, or a text file of image paths")
@@ -155,6 +161,8 @@ def _parse(argv):
     args.command = "compare" if compare else "embed"
     if args.step is not None and args.onnx:
         parser.error("--step goes with --workdir")
+    if args.encoder is not None and args.onnx:
+        parser.error("--encoder goes with --workdir")
     return args
 
 
@@ -162,7 +170,7 @@ def _compare(args) -> None:
     for image in (args.image_a, args.image_b):  # before the (slower) model load
         if not pathlib.Path(image).is_file():
             raise EmbedError(f"{image}: no such file")
-    embedder = load_embedder(onnx=args.onnx, workdir=args.workdir, step=args.step, batch_size=2)
+    embedder = load_embedder(onnx=args.onnx, workdir=args.workdir, step=args.step, encoder=args.encoder, batch_size=2)
     size = embedder.image_size or 112
     pair = np.stack([read_image(args.image_a, size), read_image(args.image_b, size)])
     a, b = next(iter(embedder.embed_batches([pair], flip=args.flip)))
@@ -177,7 +185,9 @@ def _embed(args) -> None:
     cli.require_writable(out, "--out")  # before the work, not after it
     cli.require_writable(listing, "--out")
     paths = find_images(args.images)
-    embedder = load_embedder(onnx=args.onnx, workdir=args.workdir, step=args.step, batch_size=args.batch_size)
+    embedder = load_embedder(
+        onnx=args.onnx, workdir=args.workdir, step=args.step, encoder=args.encoder, batch_size=args.batch_size
+    )
     feats = embed_images(embedder, paths, flip=args.flip, batch_size=args.batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     _replace(out, lambda f: np.save(f, feats))

@@ -25,6 +25,7 @@ def _parser():
     p = cli.parser("pfc_jax.evaluate", __doc__)
     cli.add_workdir(p)
     cli.add_step(p)
+    cli.add_encoder(p)
     p.add_argument(
         "--bin",
         nargs="+",
@@ -69,7 +70,7 @@ def run(args) -> dict:
         raise InputError("nothing to evaluate (give --bin NAME... and/or --ijb DIR)")
     workdir = pathlib.Path(args.workdir)
     protocol = ijb.IJBProtocol.load(args.ijb, args.ijb_target) if args.ijb else None  # fail before loading
-    embedder = Embedder.from_workdir(workdir, args.step, batch_size=args.batch_size, log=_log)
+    embedder = Embedder.from_workdir(workdir, args.step, encoder=args.encoder, batch_size=args.batch_size, log=_log)
     sets = []
     if args.bin:
         # Names resolve exactly as config.eval.bins does in training; paths need no config.

@@ -5,6 +5,11 @@ with :meth:`TrainStep.jit` (explicit shardings, the state donated). The step's P
 is ``fold_in(state.rng, state.step)``, so a run restarted from a checkpoint draws the
 same class samples and dropout masks as an uninterrupted one.
 
+With an EMA (``ema_momentum``), the state also holds an exponential moving average of the
+backbone's parameters and BatchNorm statistics, updated at the end of every step
+(``ema = m * ema + (1 - m) * new``). A head with ``key_encoder = "ema"`` (DCQ) gets the
+EMA's embeddings of the batch (in inference mode, no gradient) as ``keys``.
+
 Gradient accumulation splits the global batch into ``grad_accum_steps`` micro-batches,
 each spread over all devices. The class sample is drawn once per step from the labels of
 the whole global batch, every micro-batch uses it, and the gradients of the backbone and
@@ -37,6 +42,7 @@ class TrainState(NamedTuple):
     opt_state: Any  # backbone optimizer state
     head: Any  # the head's state (Partial FC: class centers and their optimizer state)
     rng: jax.Array  # uint32 key data; the step key is fold_in(rng, step)
+    ema: Any = None  # {"params", "batch_stats"}: the backbone's moving average, or None
 
 
 def _shape(x) -> jax.ShapeDtypeStruct:
@@ -58,6 +64,7 @@ class TrainStep:
       schedule: the learning-rate schedule (for the ``lr`` metric).
       grad_accum_steps: micro-batches per step.
       dtype: backbone compute dtype.
+      ema_momentum: keep an EMA of the backbone with this momentum (None: no EMA).
     """
 
     graphdef: Any
@@ -67,6 +74,13 @@ class TrainStep:
     schedule: optax.Schedule
     grad_accum_steps: int = 1
     dtype: Any = jnp.float32
+    ema_momentum: float | None = None
+
+    def __post_init__(self):
+        if getattr(self.head, "key_encoder", None) == "ema" and self.ema_momentum is None:
+            raise ValueError("the head's keys come from the backbone's EMA: give TrainStep an ema_momentum")
+        if self.ema_momentum is not None and not 0.0 <= self.ema_momentum < 1.0:
+            raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
 
     @classmethod
     def for_model(cls, model: nnx.Module, head: Head, tx, schedule, **kw) -> TrainStep:
@@ -92,6 +106,11 @@ class TrainStep:
             opt_state=self.tx.init(params),
             head=self.head.init_state(head_key),
             rng=jax.random.key_data(rng_key),
+            # A copy (not the same buffers: the state is donated), as the paper's key
+            # encoder starts equal to the query encoder.
+            ema=None
+            if self.ema_momentum is None
+            else jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats}),
         )
 
     @functools.cached_property
@@ -111,6 +130,7 @@ class TrainStep:
             opt_state=replicate(shapes.opt_state),
             head=self.head.state_shardings(),
             rng=whole,
+            ema=None if shapes.ema is None else replicate(shapes.ema),
         )
 
     @functools.cached_property
@@ -131,6 +151,17 @@ class TrainStep:
         model = nnx.merge(self.graphdef, params, batch_stats)
         embeddings = model(normalize_images(images, self.dtype), train=True, dropout_key=dropout_key)
         return embeddings, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+    def key_embed(self, ema: dict, images: jax.Array) -> jax.Array:
+        """The EMA's embeddings of ``images`` in inference mode, without gradient."""
+        model = nnx.merge(self.graphdef, ema["params"], ema["batch_stats"])
+        return jax.lax.stop_gradient(model(normalize_images(images, self.dtype), train=False).astype(jnp.float32))
+
+    def _update_ema(self, state: TrainState) -> TrainState:
+        """``ema = m * ema + (1 - m) * online``, parameters and BatchNorm statistics."""
+        m = self.ema_momentum
+        online = {"params": state.params, "batch_stats": state.batch_stats}
+        return state._replace(ema=jax.tree.map(lambda e, x: m * e + (1.0 - m) * x, state.ema, online))
 
     def _micro_major(self, x: jax.Array) -> jax.Array:
         """[B, ...] -> [K, B/K, ...] where micro-batch k takes slice k of every device's
@@ -157,7 +188,16 @@ class TrainStep:
         # The head sees the global batch in micro-batch-major order: micro-batch k is
         # positions [k * B/K, (k + 1) * B/K) of `labels` (see Head.prepare).
         images, labels = self._micro_major(images), self._micro_major(labels)
-        head_params, context, step_metrics = head.prepare(state.head, labels.reshape(-1), head_key)
+        inputs = {}
+        if getattr(head, "key_encoder", None) == "ema":
+            # One micro-batch at a time, as the query encoder: the memory stays a micro-batch's.
+            keys = (
+                jax.lax.map(lambda x: self.key_embed(state.ema, x), images)
+                if k_micro > 1
+                else (self.key_embed(state.ema, images[0])[None])
+            )
+            inputs["keys"] = keys.reshape(-1, keys.shape[-1])
+        head_params, context, step_metrics = head.prepare(state.head, labels.reshape(-1), head_key, **inputs)
 
         def micro_step(carry, k):
             batch_stats, g_params, g_head, loss = carry
@@ -182,6 +222,11 @@ class TrainStep:
 
         new_state = self._update_backbone(state, g_params, batch_stats)
         new_state = new_state._replace(step=state.step + 1, head=head.update(state.head, head_params, context, g_head))
+        ema_metrics = {}
+        if self.ema_momentum is not None:
+            new_state = self._update_ema(new_state)
+            gap = jax.tree.map(jnp.subtract, new_state.ema["params"], new_state.params)
+            ema_metrics["ema_distance"] = optax.tree.norm(gap) / optax.tree.norm(new_state.params)
         metrics = {
             "loss": loss / k_micro,
             **micro_metrics,  # per micro-batch figures (accuracy): their mean
@@ -189,6 +234,7 @@ class TrainStep:
             "lr": jnp.asarray(self.schedule(state.step), jnp.float32),
             "grad_norm": optax.tree.norm(g_params),
             "head_grad_norm": optax.tree.norm(g_head),
+            **ema_metrics,  # relative distance of the EMA's parameters from the online ones
         }
         return new_state, metrics
 

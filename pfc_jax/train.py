@@ -37,7 +37,7 @@ class TrainingDiverged(RunError):
 
 def make_data(config, source):
     """This process's batches of ``source`` per ``config.data`` (see pfc_jax.data.pipeline)."""
-    d = config.data
+    d, need = config.data, heads.requirements(config)
     return pipeline.make_iterator(
         source,
         global_batch=config.global_batch_size,
@@ -48,8 +48,8 @@ def make_data(config, source):
         process_count=jax.process_count(),
         threads=d.threads,
         workers=d.workers,
-        sampler=d.sampler,
-        images_per_identity=d.images_per_identity_in_batch,
+        sampler=need.sampler,
+        images_per_identity=need.images_per_identity,
     )
 
 
@@ -99,6 +99,7 @@ def build(config, mesh, *, num_classes: int, num_examples: int) -> Setup:
     model = nnx.eval_shape(lambda: spec.create(config.seed))  # shapes only: no compute yet
     lr = optim.schedule(config, total_steps=total_steps, warmup_steps=warmup_steps)
     head = heads.HEADS[config.head.name].build(config, mesh, num_classes=num_classes, learning_rate=lr)
+    need = heads.requirements(config)
     trainer = TrainStep.for_model(
         model,
         head,
@@ -106,6 +107,7 @@ def build(config, mesh, *, num_classes: int, num_examples: int) -> Setup:
         lr,
         grad_accum_steps=config.grad_accum_steps,
         dtype=spec.compute_dtype,
+        ema_momentum=config.ema.momentum if need.ema else None,
     )
     meta = {
         "model": spec.to_dict(),
@@ -115,6 +117,8 @@ def build(config, mesh, *, num_classes: int, num_examples: int) -> Setup:
         "num_devices": mesh.size,
         "global_batch_size": config.global_batch_size,
         "total_steps": total_steps,
+        "ema": need.ema,  # the checkpoints hold an "ema" item
+        "eval_encoder": need.eval_encoder,  # what evaluate / embed / export read by default
     }
     return Setup(trainer, spec, config.seed, models.count_params(model), total_steps, warmup_steps, meta)
 
@@ -352,7 +356,7 @@ def _train(config, workdir: pathlib.Path, mesh, on_start) -> TrainState:
                     last_saved = ckpt.save(state, data_position, setup.meta)
             every = config.eval.every_steps
             if embedder is not None and (is_last or (every and step % every == 0)):
-                _evaluate(embedder, pair_sets, state, step, reporter)
+                _evaluate(embedder, pair_sets, state, step, reporter, setup.meta["eval_encoder"])
             if preempted:
                 ckpt.wait()
                 reporter.message(
@@ -371,10 +375,18 @@ def _train(config, workdir: pathlib.Path, mesh, on_start) -> TrainState:
     return state
 
 
-def _evaluate(embedder: Embedder, pair_sets, state: TrainState, step: int, reporter: Reporter) -> None:
-    """Verification on every pair set with the current weights (all processes embed; the
-    lead one reports). Its time is kept out of the next throughput figure."""
-    embedder.set_weights(state.params, state.batch_stats)
+def eval_weights(state: TrainState, encoder: str) -> tuple[dict, dict]:
+    """``(params, batch_stats)`` of the encoder to evaluate: ``"online"`` or ``"ema"``."""
+    if encoder == "ema":
+        return state.ema["params"], state.ema["batch_stats"]
+    return state.params, state.batch_stats
+
+
+def _evaluate(embedder: Embedder, pair_sets, state: TrainState, step: int, reporter: Reporter, encoder: str) -> None:
+    """Verification on every pair set with the current weights of ``encoder`` (all
+    processes embed; the lead one reports). Its time is kept out of the next throughput
+    figure."""
+    embedder.set_weights(*eval_weights(state, encoder))
     results = evaluation.run_pair_sets(pair_sets, embedder)
     reporter.log_eval(step, {name: r.metrics() for name, r in results.items()})
     reporter.message(f"eval step {step}: {evaluation.summary_line(results)}")

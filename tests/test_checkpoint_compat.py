@@ -36,7 +36,8 @@ def test_old_metadata_reads_as_a_spec():
 
 
 def test_old_backbone_loads_for_inference():
-    model, spec, step = checkpoint.load_backbone(FIXTURE)
+    model, spec, step, encoder = checkpoint.load_backbone(FIXTURE)
+    assert encoder == "online"  # 0.1.0 kept no EMA
     assert step == 2 and spec.name == "iresnet_narrow" and spec.embedding_dim == 8
     out = np.asarray(model(np.zeros((3, 16, 16, 3), np.float32), train=False))
     assert out.shape == (3, 8) and np.isfinite(out).all()

@@ -63,7 +63,7 @@ def make_workdir(path: pathlib.Path, name: str, step: int = 7, seed: int = 0) ->
 
 
 def jax_embeddings(workdir, x_nhwc):
-    model, _, _ = checkpoint.load_backbone(workdir)
+    model, _, _, _ = checkpoint.load_backbone(workdir)
     with jax.default_matmul_precision("highest"):
         return np.asarray(model(jnp.asarray(x_nhwc), train=False))
 

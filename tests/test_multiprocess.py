@@ -175,7 +175,7 @@ def test_checkpoint_restores_in_one_process(runs):
         restored[name] = jax.tree.map(np.asarray, state)
     assert_trees_close(restored["mp"], restored["sp"])
 
-    model, _, step = checkpoint.load_backbone(runs["mp"])
+    model, _, step, _ = checkpoint.load_backbone(runs["mp"])
     assert step == 6 and model(np.zeros((2, 32, 32, 3), np.float32), train=False).shape == (2, 16)
 
     workdir = runs["base"] / "mp_on_1"

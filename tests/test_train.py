@@ -161,7 +161,8 @@ def test_restore_reshards_centers_in_process(runs):
 
 
 def test_backbone_export_loads_without_centers(runs):
-    model, spec, step = checkpoint.load_backbone(runs["a"])
+    model, spec, step, encoder = checkpoint.load_backbone(runs["a"])
+    assert encoder == "online"
     assert step == 12 and spec.name == "iresnet_narrow"
     y = model(np.zeros((2, 32, 32, 3), np.float32), train=False)
     assert y.shape == (2, 16) and np.isfinite(y).all()

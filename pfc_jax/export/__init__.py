@@ -128,13 +128,15 @@ def export(
     output: str | pathlib.Path,
     *,
     step: int | None = None,
+    encoder: str | None = None,
     opset: int = DEFAULT_OPSET,
     atol: float = 1e-4,
     batch_sizes=(1, 3),
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> ExportReport:
     """Exports the backbone of ``workdir``'s checkpoint ``step`` (default: latest) to
-    ``output``, checked by onnxruntime against JAX within ``atol``.
+    ``output``, checked by onnxruntime against JAX within ``atol``. ``encoder``:
+    ``"online"`` or ``"ema"``; default: the run's ``eval.encoder`` (DCQ: the EMA).
 
     Raises :class:`~pfc_jax.checkpoint.CheckpointError` for a missing or incomplete
     checkpoint and :class:`ExportError` when the conversion or the check fails (nothing
@@ -148,7 +150,7 @@ def export(
     start = time.perf_counter()
     output = pathlib.Path(output)
     cli.require_writable(output, "--output")  # before the work, not after it
-    model, spec, step = checkpoint.load_backbone(workdir, step)
+    model, spec, step, encoder = checkpoint.load_backbone(workdir, step, encoder=encoder)
     image_size = spec.image_size
     proto = to_onnx(
         model,
@@ -157,6 +159,7 @@ def export(
         metadata={
             "backbone": spec.name,
             "step": step,
+            "encoder": encoder,
             "embedding_dim": spec.embedding_dim,
             "image_size": image_size,
             "input_layout": "NCHW RGB",
@@ -215,6 +218,7 @@ def _parser():
     p = cli.parser("pfc_jax.export", __doc__)
     cli.add_workdir(p)
     cli.add_step(p)
+    cli.add_encoder(p)
     p.add_argument("--output", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET} or later")
     p.add_argument(
@@ -229,7 +233,7 @@ def _parser():
 def _export(args) -> None:
     if args.opset < MIN_OPSET:
         raise InputError(f"--opset {args.opset} is too old (use {MIN_OPSET} or later)")
-    report = export(args.workdir, args.output, step=args.step, opset=args.opset, atol=args.atol)
+    report = export(args.workdir, args.output, step=args.step, encoder=args.encoder, opset=args.opset, atol=args.atol)
     print(report.summary())
 
 

@@ -36,12 +36,14 @@ class Head(Protocol):
         """NamedShardings of the state. Leaves split by rows on the ``data`` axis are
         re-padded and re-sharded when a checkpoint is restored on another device count."""
 
-    def prepare(self, state: PyTree, labels: jax.Array, key: jax.Array) -> tuple[PyTree, PyTree, dict]:
+    def prepare(self, state: PyTree, labels: jax.Array, key: jax.Array, **inputs) -> tuple[PyTree, PyTree, dict]:
         """``(params, context, metrics)`` for the global batch's ``labels`` (i32[B_g],
         sharded on ``data``). With K micro-batches, micro-batch k is ``labels[k*B_g/K :
         (k+1)*B_g/K]``. ``params`` is what the loss is differentiated against; ``metrics``
         are per step and must include ``invalid_labels`` (labels outside the classes: the
-        trainer stops on them)."""
+        trainer stops on them). A head with ``key_encoder = "ema"`` also gets ``keys``
+        (f32[B_g, D], same order, no gradient): the embeddings of the same images by the
+        backbone's exponential moving average, in inference mode."""
 
     def micro_loss(self, params: PyTree, context: PyTree, embeddings: jax.Array, micro: int) -> tuple[jax.Array, dict]:
         """``(loss, metrics)`` of micro-batch ``micro`` (embeddings [B_g/K, D], sharded on
@@ -53,15 +55,21 @@ class Head(Protocol):
     def describe(self, global_batch: int) -> str:
         """A few words for the run's start message (sizes per device)."""
 
+    # Optional: ``key_encoder = "ema"`` on a head whose class weights are generated from
+    # the embeddings of a key encoder (DCQ): the trainer then keeps the EMA and passes
+    # ``prepare`` its ``keys`` (see HeadEntry.key_encoder).
+    #
     # Optional, read by the quality study (pfc_jax.study) where a head has them:
     #   class_weights(state) -> f32[num_classes, D]: each class's stored (or generated) weight;
     #   sample_counts(state) -> i32[num_classes] | None: steps each class's weight was updated.
 
 
-def step(head: Head, state: PyTree, embeddings: jax.Array, labels: jax.Array, key: jax.Array):
+def step(head: Head, state: PyTree, embeddings: jax.Array, labels: jax.Array, key: jax.Array, keys=None):
     """One whole head step on one batch: ``(new_state, grad_embeddings, metrics)``, with
-    ``metrics["loss"]``. Call under ``jax.jit``."""
-    params, context, metrics = head.prepare(state, labels, key)
+    ``metrics["loss"]``; ``keys`` (f32[B_g, D]) for a head with a key encoder. Call under
+    ``jax.jit``."""
+    inputs = {} if keys is None else {"keys": keys}
+    params, context, metrics = head.prepare(state, labels, key, **inputs)
     (loss, loss_metrics), (grad_embeddings, grads) = jax.value_and_grad(head.micro_loss, argnums=(2, 0), has_aux=True)(
         params, context, embeddings, 0
     )
@@ -76,16 +84,57 @@ class HeadEntry:
       build: ``build(config, mesh, *, num_classes, learning_rate) -> Head``.
       check: ``check(c)`` validates the head's config fields with a
         :class:`pfc_jax.config_validation.Check` (raising its ``ConfigError``).
+      images_per_identity: the head needs every batch made of identities with this many
+        images each, consecutive (the ``identity_balanced`` sampler); 0: any batch.
+      key_encoder: ``"ema"``: the head's class weights come from the backbone's
+        exponential moving average (the trainer keeps one and passes its ``keys``), which
+        is also the encoder evaluated and exported by default; None: no key encoder.
     """
 
     build: Callable[..., Head]
     check: Callable[[Any], None]
+    images_per_identity: int = 0
+    key_encoder: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirements:
+    """What a run's head asks of the rest of the run, with the config's ``auto`` fields
+    resolved (see :func:`requirements`)."""
+
+    sampler: str  # data.sampler
+    images_per_identity: int  # data.images_per_identity_in_batch
+    ema: bool  # keep an EMA of the backbone (ema.enabled)
+    eval_encoder: str  # "online" | "ema": evaluated, embedded and exported by default
+
+
+DEFAULT_IMAGES_PER_IDENTITY = 4  # identity_balanced without a head that asks for a number
+
+
+def requirements(config) -> Requirements:
+    """``config``'s sampler, images per identity, EMA and evaluated encoder, where
+    ``auto`` (and ``images_per_identity_in_batch = 0``) means what the head prescribes:
+    DCQ gets identity-balanced batches of 2 images per identity, an EMA, and the EMA
+    evaluated; Partial FC the uniform sampler and the online encoder. Explicit values
+    are kept as they are (config validation refuses those the head cannot use)."""
+    entry = HEADS.get(config.head.name, HEADS["partial_fc"])
+    sampler = config.data.sampler
+    if sampler == "auto":
+        sampler = "identity_balanced" if entry.images_per_identity else "uniform"
+    per_identity = config.data.images_per_identity_in_batch or entry.images_per_identity or DEFAULT_IMAGES_PER_IDENTITY
+    encoder = config.eval.encoder
+    if encoder == "auto":
+        encoder = "ema" if entry.key_encoder == "ema" else "online"
+    enabled = config.ema.enabled
+    ema = enabled == "on" or (enabled == "auto" and (entry.key_encoder == "ema" or encoder == "ema"))
+    return Requirements(sampler, per_identity, ema, encoder)
 
 
 # The head modules import HeadEntry from here, so they come after it.
-from pfc_jax.heads import partial_fc  # noqa: E402
+from pfc_jax.heads import dcq, partial_fc  # noqa: E402
 
 # name -> entry; config validation and the trainer read this and nothing else.
 HEADS: dict[str, HeadEntry] = {
     "partial_fc": partial_fc.ENTRY,
+    "dcq": dcq.ENTRY,
 }

@@ -82,13 +82,20 @@ class Embedder:
 
     @classmethod
     def from_workdir(
-        cls, workdir: str | pathlib.Path, step: int | None = None, *, log: Callable[[str], object] | None = None, **kw
+        cls,
+        workdir: str | pathlib.Path,
+        step: int | None = None,
+        *,
+        encoder: str | None = None,
+        log: Callable[[str], object] | None = None,
+        **kw,
     ) -> Embedder:
         """The backbone of ``workdir``'s checkpoint ``step`` (default: the latest);
+        ``encoder``: ``"online"`` or ``"ema"`` (default: the run's ``eval.encoder``);
         ``log`` gets a line once the step is known, before it is read."""
         from pfc_jax import checkpoint
 
-        model, spec, step = checkpoint.load_backbone(workdir, step, log=log)
+        model, spec, step, _ = checkpoint.load_backbone(workdir, step, encoder=encoder, log=log)
         return cls(model, spec=spec, step=step, **kw)
 
     @property
