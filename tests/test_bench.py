@@ -49,6 +49,23 @@ def test_head_json_on_fake_devices():
     assert result["compiled_temp_bytes"] > 0
 
 
+def test_dcq_head_json_does_not_grow_with_the_identities():
+    """DCQ's head step at 10 million identities: its sizes are those of the queue."""
+    out = run_bench(
+        "head", "--head", "dcq", "--classes", "10000000", "--batch", "32", "--dim", "16", "--queue-size", "100",
+        "--devices", "4", "--steps", "3", "--warmup", "0", "--json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["head"] == "dcq" and result["queue_size"] == 100 and result["rate"] is None
+    assert result["num_local"] == 25 and result["centers_and_state_bytes"] == 25 * 17 * 4
+    assert result["logits_bytes"] == 32 * 25 * 4
+    assert abs(result["loss_first"]) < 1e-6 < result["loss_last"]  # the queue starts empty
+    assert result["compiled_total_bytes"] < 2**20
+    bad = run_bench("head", "--head", "dcq", "--classes", "10", "--batch", "30", "--queue-size", "8", "--devices", "2")
+    assert bad.returncode == 2 and "at least one step's 15 entries" in bad.stderr
+
+
 def test_head_text_output():
     out = run_bench("head", "--classes", "100", "--batch", "8", "--dim", "8", "--steps", "2")
     assert out.returncode == 0, out.stderr

@@ -1,9 +1,12 @@
-"""Times one whole Partial FC head step on a fixed batch of embeddings.
+"""Times one whole head step on a fixed batch of embeddings.
 
-Sample, gather, forward, backward and the sparse optimizer update, with a new sampling
-key every step. Reports the median / min / max milliseconds per step, the per-device
-sizes that dominate memory (centers + optimizer rows, the logits) and the peak device
-memory where the backend reports it (GPU/TPU), else XLA's compiled estimate.
+Partial FC (``--head partial_fc``): sample, gather, forward, backward and the sparse
+optimizer update, with a new sampling key every step. DCQ (``--head dcq``): the loss
+against the queue and its gradient, and the enqueue, with random keys standing in for
+the EMA encoder's (the batch is pairs of images of one identity). Reports the median /
+min / max milliseconds per step, the per-device sizes that dominate memory (centers +
+optimizer rows or the queue, the logits) and the peak device memory where the backend
+reports it (GPU/TPU), else XLA's compiled estimate.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ from pfc_jax.errors import InputError
 @dataclasses.dataclass
 class HeadReport(Report):
     benchmark: str
+    head: str
     platform: str
     device_kind: str
     devices: int
     classes: int
     batch: int
     dim: int
-    rate: float
+    rate: float | None  # Partial FC
+    queue_size: int | None  # DCQ
     optimizer: str
     logits_dtype: str
     num_local: int
@@ -37,27 +42,32 @@ class HeadReport(Report):
     compile_s: float
     loss_first: float
     loss_last: float
-    centers_and_state_bytes: int  # per device: what dominates memory
+    centers_and_state_bytes: int  # per device: what dominates memory (DCQ: the queue's rows)
     logits_bytes: int
     compiled_temp_bytes: int | None
     compiled_total_bytes: int | None
     peak_bytes: int | None
 
     def title(self) -> str:
+        what = f"rate={self.rate}" if self.head == "partial_fc" else f"queue={self.queue_size:,}"
         return (
-            f"head step  C={self.classes:,} B={self.batch} D={self.dim} rate={self.rate} "
+            f"{self.head} head step  C={self.classes:,} B={self.batch} D={self.dim} {what} "
             f"on {self.devices} x {self.device_kind} ({self.platform})"
         )
 
     def rows(self):
+        dcq = self.head == "dcq"
         return [
-            ("sampled per shard", f"{self.num_sample:,} of {self.num_local:,} rows"),
+            (
+                "queue rows per shard" if dcq else "sampled per shard",
+                f"{self.num_local:,}" if dcq else f"{self.num_sample:,} of {self.num_local:,} rows",
+            ),
             (
                 "ms/step",
                 f"median {self.ms_per_step:.2f}  min {self.ms_min:.2f}  max {self.ms_max:.2f}  "
                 f"({self.steps} steps; compile {self.compile_s:.1f} s)",
             ),
-            ("centers + optimizer rows", f"{mib(self.centers_and_state_bytes)} per device"),
+            ("queue" if dcq else "centers + optimizer rows", f"{mib(self.centers_and_state_bytes)} per device"),
             ("logits", f"{mib(self.logits_bytes)} per device"),
             ("compiled", f"temporaries {mib(self.compiled_temp_bytes)}, total {mib(self.compiled_total_bytes)}"),
             ("peak", mib(self.peak_bytes)),
@@ -68,10 +78,17 @@ class HeadReport(Report):
 def add_arguments(p) -> None:
     from pfc_jax import cli
 
+    p.add_argument(
+        "--head",
+        choices=("partial_fc", "dcq"),
+        default="partial_fc",
+        help="--rate, --optimizer, --margin and --logits-dtype are partial_fc's, --queue-size dcq's",
+    )
     p.add_argument("--classes", type=cli.positive_int, required=True, help="number of identities C")
     p.add_argument("--batch", type=cli.positive_int, default=256, help="global batch B")
     p.add_argument("--dim", type=cli.positive_int, default=512, help="embedding size D")
-    p.add_argument("--rate", type=float, default=0.1, help="sample rate in [0, 1]")
+    p.add_argument("--rate", type=float, default=0.1, help="partial_fc: sample rate in [0, 1]")
+    p.add_argument("--queue-size", type=cli.positive_int, default=8192, help="dcq: generated weights kept")
     p.add_argument(
         "--devices",
         type=cli.positive_int,
@@ -93,55 +110,85 @@ def run(args) -> HeadReport:
     import jax
     import jax.numpy as jnp
 
-    from pfc_jax import optim, sharding
+    from pfc_jax import heads, optim, sharding
     from pfc_jax.heads import margins
+    from pfc_jax.heads.dcq import DCQ
     from pfc_jax.heads.partial_fc import PartialFC
 
     devices = select_devices(args.devices)
     if args.batch % len(devices):
         raise InputError(f"--batch {args.batch} must be a multiple of --devices {len(devices)}")
+    dcq = args.head == "dcq"
+    if dcq and (args.batch % 2 or args.queue_size < args.batch // 2):
+        raise InputError(
+            f"--head dcq: --batch {args.batch} must be even (pairs of images) and --queue-size {args.queue_size} "
+            f"at least one step's {args.batch // 2} entries"
+        )
     mesh = sharding.make_mesh(devices)
     tx = optim.sgd(0.1, 0.9, 5e-4) if args.optimizer == "sgd" else optim.adamw(1e-3)
-    head = PartialFC(
-        mesh,
-        num_classes=args.classes,
-        embedding_dim=args.dim,
-        sample_rate=args.rate,
-        margin=margins.arcface() if args.margin == "arcface" else margins.cosface(),
-        optimizer=tx,
-        logits_dtype=jnp.dtype(args.logits_dtype),
-    )
+    if dcq:
+        head = DCQ(mesh, num_classes=args.classes, embedding_dim=args.dim, queue_size=args.queue_size)
+    else:
+        head = PartialFC(
+            mesh,
+            num_classes=args.classes,
+            embedding_dim=args.dim,
+            sample_rate=args.rate,
+            margin=margins.arcface() if args.margin == "arcface" else margins.cosface(),
+            optimizer=tx,
+            logits_dtype=jnp.dtype(args.logits_dtype),
+        )
     k_state, k_emb, k_lab, k_step = jax.random.split(jax.random.key(0), 4)
     batch = sharding.batch_sharding(mesh)
-    state = head.init(k_state)
+    state = jax.jit(head.init_state, out_shardings=head.state_shardings())(k_state)
     embeddings = jax.device_put(jax.random.normal(k_emb, (args.batch, args.dim)), batch)
-    labels = jax.device_put(jax.random.randint(k_lab, (args.batch,), 0, args.classes), batch)
+    if dcq:  # pairs: each identity's two images in a row
+        labels = jnp.repeat(jax.random.randint(k_lab, (args.batch // 2,), 0, args.classes), 2)
+        keys = jax.device_put(embeddings + 0.5 * jax.random.normal(k_step, embeddings.shape), batch)
+    else:
+        labels, keys = jax.random.randint(k_lab, (args.batch,), 0, args.classes), None
+    labels = jax.device_put(labels, batch)
 
     start = time.perf_counter()
-    compiled = head.jit_step().lower(state, embeddings, labels, k_step).compile()
+    whole = sharding.replicated(mesh)
+    step = jax.jit(
+        lambda state, e, lab, key, keys: heads.step(head, state, e, lab, key, keys),
+        in_shardings=(head.state_shardings(), batch, batch, whole, None if keys is None else batch),
+        out_shardings=(head.state_shardings(), batch, whole),
+        donate_argnums=(0,),
+    )
+    compiled = step.lower(state, embeddings, labels, k_step, keys).compile()
     compile_s = time.perf_counter() - start
     state, outputs, times = time_steps(
         compiled,
         state,
-        lambda i: (embeddings, labels, jax.random.fold_in(k_step, i)),
+        lambda i: (embeddings, labels, jax.random.fold_in(k_step, i), keys),
         warmup=args.warmup,
         steps=args.steps,
     )
     losses = [float(metrics["loss"]) for _, metrics in outputs]
-    row_leaves = sum(1 for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == state.centers.shape)
+    if dcq:
+        num_local = num_sample = head.queue.num_local
+        state_bytes = num_local * (args.dim + 1) * 4  # weights and labels
+    else:
+        num_local, num_sample = head.num_local, head.num_sample(args.batch)
+        row_leaves = sum(1 for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == state.centers.shape)
+        state_bytes = num_local * args.dim * 4 * (1 + row_leaves)
     return HeadReport(
         benchmark="head",
+        head=args.head,
         platform=devices[0].platform,
         device_kind=devices[0].device_kind,
         devices=len(devices),
         classes=args.classes,
         batch=args.batch,
         dim=args.dim,
-        rate=args.rate,
-        optimizer=args.optimizer,
-        logits_dtype=args.logits_dtype,
-        num_local=head.num_local,
-        num_sample=head.num_sample(args.batch),
+        rate=None if dcq else args.rate,
+        queue_size=args.queue_size if dcq else None,
+        optimizer="none" if dcq else args.optimizer,
+        logits_dtype="float32" if dcq else args.logits_dtype,
+        num_local=num_local,
+        num_sample=num_sample,
         steps=args.steps,
         ms_per_step=statistics.median(times),
         ms_min=min(times),
@@ -149,8 +196,8 @@ def run(args) -> HeadReport:
         compile_s=compile_s,
         loss_first=losses[0],
         loss_last=losses[-1],
-        centers_and_state_bytes=head.num_local * args.dim * 4 * (1 + row_leaves),
-        logits_bytes=args.batch * head.num_sample(args.batch) * 4,
+        centers_and_state_bytes=state_bytes,
+        logits_bytes=args.batch * num_sample * 4,
         **compiled_bytes(compiled.memory_analysis()),
         peak_bytes=device_peak_bytes(devices),
     )

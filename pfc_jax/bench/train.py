@@ -6,7 +6,9 @@ optimizer updates) and the backbone's part of it alone
 optimizer, a stand-in loss instead of the head), timed on one fixed synthetic batch: the
 ratio is the head's overhead. Both report XLA's compiled memory and the device's peak;
 the backbone runs first, before the head's state exists, so its peak is its own. Flags
-override the recipe's classes, sample rate, backbone, batch and dtype.
+override the recipe's head, classes, sample rate, backbone, batch and dtype. With DCQ the
+full step includes the EMA encoder's forward pass and update (the head's keys), so its
+"head overhead" is that of the method.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ class TrainReport(Report):
     devices: int
     backbone: str
     dtype: str
+    head: str
     classes: int
-    rate: float
+    rate: float | None  # Partial FC's sample rate
     batch: int
     steps: int
     ms_per_step: float
@@ -47,7 +50,9 @@ class TrainReport(Report):
 
     def title(self) -> str:
         return (
-            f"train step  {self.backbone} {self.dtype}, C={self.classes:,} rate={self.rate} B={self.batch} "
+            f"train step  {self.backbone} {self.dtype}, {self.head}"
+            + (f" rate={self.rate}" if self.rate is not None else "")
+            + f", C={self.classes:,} B={self.batch} "
             f"on {self.devices} x {self.device_kind} ({self.platform})"
         )
 
@@ -83,7 +88,8 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--classes", type=cli.positive_int, default=None, help="number of identities (default: the config's)"
     )
-    p.add_argument("--rate", type=float, default=None, help="sample rate (default: the config's)")
+    p.add_argument("--head", default=None, help="head name, e.g. partial_fc, dcq (default: the config's)")
+    p.add_argument("--rate", type=float, default=None, help="partial_fc's sample rate (default: the config's)")
     p.add_argument("--backbone", default=None, help="backbone name (default: the config's)")
     p.add_argument("--batch", type=cli.positive_int, default=None, help="global batch (default: the config's)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "bf16"), default=None)
@@ -114,11 +120,13 @@ def run(args) -> TrainReport:
     import jax
     import numpy as np
 
-    from pfc_jax import sharding, train
+    from pfc_jax import heads, sharding, train
     from pfc_jax.config_validation import validate
 
     devices = select_devices(args.devices)
     mesh = sharding.make_mesh(devices)
+    if args.head is not None:
+        config.head.name = args.head
     if args.rate is not None:
         config.head.sample_rate = args.rate
     if args.backbone is not None:
@@ -138,7 +146,10 @@ def run(args) -> TrainReport:
     rng = np.random.default_rng(0)
     batch = sharding.batch_sharding(mesh)
     images = jax.device_put(rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8), batch)
-    labels = jax.device_put(rng.integers(0, num_classes, b).astype(np.int32), batch)
+    # Consecutive runs of the images per identity the head needs (DCQ: pairs), as its sampler gives.
+    group = heads.HEADS[config.head.name].images_per_identity and heads.requirements(config).images_per_identity
+    labels = rng.integers(0, num_classes, b // (group or 1)).repeat(group or 1).astype(np.int32)
+    labels = jax.device_put(labels, batch)
 
     # The backbone alone first, on a state without the head: the device's peak memory
     # after it is its own (the peak only grows).
@@ -171,8 +182,9 @@ def run(args) -> TrainReport:
         devices=len(devices),
         backbone=config.model.name,
         dtype=config.dtype,
+        head=config.head.name,
         classes=num_classes,
-        rate=config.head.sample_rate,
+        rate=config.head.sample_rate if config.head.name == "partial_fc" else None,
         batch=b,
         steps=args.steps,
         ms_per_step=full_med,

@@ -193,7 +193,8 @@ def plot(summary: dict, path: pathlib.Path) -> bool:
     )
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a panel no arm has data for stays empty
+            ax.legend(fontsize=8)
     fig.suptitle(f"{summary['data']}, {summary['model']}, {summary['steps']} steps, {summary['seeds']} seed(s)")
     fig.tight_layout()
     buf = io.BytesIO()

@@ -149,7 +149,7 @@ def measure(config, state, source, workdir: pathlib.Path, options: Options) -> d
     setup = train.build(config, mesh, num_classes=source.num_classes, num_examples=len(source))
     model = nnx.merge(setup.trainer.graphdef, setup.params, setup.batch_stats)
     embedder = Embedder(model, batch_size=config.eval.batch_size, mesh=mesh)
-    embedder.set_weights(state.params, state.batch_stats)
+    embedder.set_weights(*train.eval_weights(state, setup.meta["eval_encoder"]))  # DCQ: the EMA
 
     pair_sets = evaluation.make_pair_sets(config)
     verification = {name: r.metrics() for name, r in evaluation.run_pair_sets(pair_sets, embedder).items()}
@@ -248,13 +248,16 @@ def head_memory(head, head_state, global_batch: int, dim: int) -> dict:
     mesh = head.mesh
     batch = sharding.batch_sharding(mesh)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), head_state)
+    embeddings = jax.ShapeDtypeStruct((global_batch, dim), np.float32, sharding=batch)
+    keys = embeddings if getattr(head, "key_encoder", None) else None  # DCQ: the EMA's embeddings
     compiled = (
         jax.jit(functools.partial(heads.step, head), donate_argnums=0)
         .lower(
             abstract,
-            jax.ShapeDtypeStruct((global_batch, dim), np.float32, sharding=batch),
+            embeddings,
             jax.ShapeDtypeStruct((global_batch,), np.int32, sharding=batch),
             jax.random.key(0),
+            keys,
         )
         .compile()
     )
