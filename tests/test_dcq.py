@@ -173,22 +173,24 @@ def _paired_batches(c, steps, num_classes=50):
         yield rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8), labels
 
 
+def _train_dcq(devices: int, steps: int, **overrides):
+    """``steps`` DCQ steps of the mlp on paired batches: (losses, final state, last metrics)."""
+    c = step_config(head__name="dcq", head__dcq__queue_size=80, ema__momentum=0.9, head__dcq__scale=10.0, **overrides)
+    mesh = sharding.make_mesh(jax.devices()[:devices])
+    setup = train.build(c, mesh, num_classes=50, num_examples=1000)
+    state = setup.trainer.init(setup.params, setup.batch_stats, jax.random.key(0))
+    step, batch = setup.trainer.jit(), sharding.batch_sharding(mesh)
+    losses = []
+    for images, labels in _paired_batches(c, steps):
+        state, metrics = step(state, jax.device_put(images, batch), jax.device_put(labels, batch))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state), metrics
+
+
 def test_trainer_on_1_and_8_devices_gives_the_same_run():
     """The whole DCQ step (EMA keys, loss, backbone and EMA updates, enqueue) on 1 and 8
     devices: the same losses, parameters, EMA and queue."""
-    c = step_config(head__name="dcq", head__dcq__queue_size=80, ema__momentum=0.9, head__dcq__scale=10.0)
-    runs = {}
-    for devices in (1, 8):
-        mesh = sharding.make_mesh(jax.devices()[:devices])
-        setup = train.build(c, mesh, num_classes=50, num_examples=1000)
-        state = setup.trainer.init(setup.params, setup.batch_stats, jax.random.key(0))
-        step = setup.trainer.jit()
-        batch = sharding.batch_sharding(mesh)
-        losses = []
-        for images, labels in _paired_batches(c, 4):
-            state, metrics = step(state, jax.device_put(images, batch), jax.device_put(labels, batch))
-            losses.append(float(metrics["loss"]))
-        runs[devices] = (losses, jax.device_get(state), metrics)
+    runs = {devices: _train_dcq(devices, 4) for devices in (1, 8)}
     (l1, s1, m1), (l8, s8, m8) = runs[1], runs[8]
     assert float(m1["queue_fill"]) == float(m8["queue_fill"])
     assert abs(l1[0]) < 1e-6 and l1[1] > 1  # the queue is empty at the first step: loss 0
@@ -205,21 +207,7 @@ def test_trainer_on_1_and_8_devices_gives_the_same_run():
 def test_gradient_accumulation_gives_the_same_dcq_step():
     """Two micro-batches (keys embedded per micro-batch, the positives sliced from the
     step's context) give the loss and update of one: the queue is fixed within a step."""
-    results = {}
-    for k in (1, 2):
-        c = step_config(head__name="dcq", head__dcq__queue_size=80, ema__momentum=0.9, grad_accum_steps=k)
-        c.head.dcq.scale = 10.0
-        mesh = sharding.make_mesh()
-        setup = train.build(c, mesh, num_classes=50, num_examples=1000)
-        state = setup.trainer.init(setup.params, setup.batch_stats, jax.random.key(0))
-        step = setup.trainer.jit()
-        batch = sharding.batch_sharding(mesh)
-        losses = []
-        for images, labels in _paired_batches(c, 3):
-            state, metrics = step(state, jax.device_put(images, batch), jax.device_put(labels, batch))
-            losses.append(float(metrics["loss"]))
-        results[k] = (losses, jax.device_get(state))
-    (l1, s1), (l2, s2) = results[1], results[2]
+    (l1, s1, _), (l2, s2, _) = (_train_dcq(8, 3, grad_accum_steps=k) for k in (1, 2))
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
     for a, b in zip(jax.tree.leaves((s1.params, s1.ema)), jax.tree.leaves((s2.params, s2.ema)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
