@@ -3,7 +3,9 @@
 Positions ``0, 1, 2, ...`` run over the data forever: with the uniform sampler position
 ``i`` is example ``order_e[i mod N]`` of epoch ``e = i // N`` (a fresh seeded permutation
 per epoch); with the identity-balanced sampler each global batch is P identities x K
-images. Global batch ``b`` is positions ``[b*B, (b+1)*B)``; process ``p`` of ``P`` reads
+images; with the dual sampler (F²C's identity-based and instance-based loaders) each
+global batch is P identity pairs, then ``B - 2P`` images of the uniform order. Global
+batch ``b`` is positions ``[b*B, (b+1)*B)``; process ``p`` of ``P`` reads
 the slice ``[b*B + p*B/P, b*B + (p+1)*B/P)``, so processes are disjoint and together
 cover the batch. Each example is decoded and augmented with a generator seeded from
 ``(seed, position)``: the batches are a pure function of the position, whatever the
@@ -73,12 +75,63 @@ class _BalancedOrder:
         return int(self._batch(b)[j])
 
 
-# config.data.sampler -> (source, global batch, images per identity, seed) -> the order
-# of positions (position -> example index).
+class _DualOrder:
+    """Position -> example index: each global batch is ``pairs`` identity pairs (positions
+    ``2j, 2j + 1``), then ``global_batch - 2 * pairs`` instances.
+
+    The identity-based stream takes the identities in a fresh seeded order every pass over
+    them, one pair each: two different images, or one image twice for an identity that
+    has one (as the official code's pair loader). The instance-based stream is the uniform
+    sampler's order, every example once per pass. Global pair ``t = b * pairs + j`` and
+    global instance ``u = b * instances + i`` make both a pure function of the batch.
+    """
+
+    def __init__(self, labels: np.ndarray, global_batch: int, identity_fraction: float, seed: int):
+        self.pairs = int(round(identity_fraction * global_batch / 2))
+        self.instances = global_batch - 2 * self.pairs
+        if self.pairs < 1 or self.instances % 2:
+            raise SourceError(
+                f"the dual sampler needs an even global batch with at least one pair, got {global_batch} "
+                f"images with identity_fraction {identity_fraction}"
+            )
+        by_label = np.argsort(labels, kind="stable")
+        counts = np.bincount(labels)
+        self.identities = np.flatnonzero(counts)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        self.members = by_label.astype(np.int64)
+        identity_seed = int(np.random.SeedSequence([seed, 3]).generate_state(1)[0])
+        self.identity_order = grain.MapDataset.range(len(self.identities)).shuffle(seed=identity_seed).repeat(None)
+        self.instance_order = _UniformOrder(len(labels), seed)
+        self.global_batch, self.seed = global_batch, seed
+        self._cache = (-1, None)
+
+    def _pairs(self, b: int) -> np.ndarray:
+        if self._cache[0] != b:
+            table = []
+            for t in range(b * self.pairs, (b + 1) * self.pairs):
+                identity = self.identities[self.identity_order[t]]
+                pool = self.members[self.starts[identity] : self.starts[identity + 1]]
+                rng = np.random.default_rng([self.seed, t, 3])
+                table.append(rng.choice(pool, 2, replace=False) if len(pool) >= 2 else pool[[0, 0]])
+            self._cache = (b, np.concatenate(table))
+        return self._cache[1]
+
+    def __call__(self, position: int) -> int:
+        b, j = divmod(position, self.global_batch)
+        if j < 2 * self.pairs:
+            return int(self._pairs(b)[j])
+        return self.instance_order(b * self.instances + j - 2 * self.pairs)
+
+
+# config.data.sampler -> (source, global batch, images per identity, seed, identity
+# fraction) -> the order of positions (position -> example index).
 SAMPLERS = {
-    "uniform": lambda source, global_batch, k, seed: _UniformOrder(len(source), seed),
-    "identity_balanced": lambda source, global_batch, k, seed: _BalancedOrder(
+    "uniform": lambda source, global_batch, k, seed, fraction: _UniformOrder(len(source), seed),
+    "identity_balanced": lambda source, global_batch, k, seed, fraction: _BalancedOrder(
         np.asarray(source.labels()), global_batch, k, seed
+    ),
+    "dual": lambda source, global_batch, k, seed, fraction: _DualOrder(
+        np.asarray(source.labels()), global_batch, fraction, seed
     ),
 }
 
@@ -176,14 +229,16 @@ def make_iterator(
     workers: int = 0,
     sampler: str = "uniform",
     images_per_identity: int = 4,
+    identity_fraction: float = 0.5,
 ) -> DataIterator:
     """This process's batches of ``source`` (see module docstring).
 
     Args:
       threads: reader threads per process (decoding releases the GIL).
       workers: additional worker processes (grain multiprocessing prefetch); 0 = none.
-      sampler: ``uniform`` or ``identity_balanced`` (``global_batch / images_per_identity``
-        identities per batch, ``images_per_identity`` images each).
+      sampler: ``uniform``, ``identity_balanced`` (``global_batch / images_per_identity``
+        identities per batch, ``images_per_identity`` images each) or ``dual``
+        (``identity_fraction`` of each batch's images as identity pairs, the rest uniform).
     """
     if global_batch % process_count:
         raise SourceError(f"global batch {global_batch} is not divisible by {process_count} processes")
@@ -196,7 +251,7 @@ def make_iterator(
         raise SourceError(f"unknown sampler {sampler!r} (choose one of {', '.join(SAMPLERS)})")
     if sampler == "identity_balanced" and global_batch % images_per_identity:
         raise SourceError(f"global batch {global_batch} is not a multiple of images_per_identity {images_per_identity}")
-    order = SAMPLERS[sampler](source, global_batch, images_per_identity, seed)
+    order = SAMPLERS[sampler](source, global_batch, images_per_identity, seed, identity_fraction)
     local = global_batch // process_count
     load = _Load(source, order, global_batch, local, process_index, image_size, augment, seed)
     if workers > 0:
@@ -221,6 +276,8 @@ def make_iterator(
         "dataset": f"{len(source)} examples, {source.num_classes} classes",
         "seed": seed,
         "global_batch": global_batch,
-        "sampler": sampler if sampler == "uniform" else f"{sampler}/{images_per_identity}",
+        "sampler": {"uniform": sampler, "dual": f"dual/{identity_fraction}"}.get(
+            sampler, f"{sampler}/{images_per_identity}"
+        ),
     }
     return DataIterator(build, fingerprint)
