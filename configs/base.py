@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.0  # before the final FC (iResNet only)
 
     # Classification head over all identities (pfc_jax.heads.HEADS): partial_fc (the
-    # fields below up to head.dcq) or dcq (head.dcq).
+    # fields below up to head.dcq), dcq (head.dcq) or f2c (head.f2c).
     c.head = ml_collections.ConfigDict()
     c.head.name = "partial_fc"
     c.head.sample_rate = 1.0  # fraction of class centers per step; 1.0 = full softmax
@@ -58,12 +58,22 @@ def get_config() -> ml_collections.ConfigDict:
     c.head.dcq.queue_size = 8192  # generated weights kept (the paper's scripts; its code's default 65536)
     c.head.dcq.scale = 50.0  # s
     c.head.dcq.margin = 0.3  # m, subtracted from the positive's cosine
+    # F²C (pfc_jax.heads.f2c): class weights are gallery features of the backbone's EMA
+    # (config.ema; momentum 0.99) in a Dynamic Class Pool of identity slots with LRU
+    # eviction; batches from the dual sampler (data.identity_fraction).
+    c.head.f2c = ml_collections.ConfigDict()
+    c.head.f2c.pool_fraction = 0.01  # Q = this x identities, at least global_batch_size
+    c.head.f2c.pool_size = 0  # > 0: Q itself (>= global_batch_size / 2), overriding pool_fraction
+    c.head.f2c.margin_type = "cosface"  # cosface: cos - m; arcface: cos(theta + m)
+    c.head.f2c.scale = 32.0  # s (the official code's)
+    c.head.f2c.margin = 0.4  # m (the official CosFace default)
+    c.head.f2c.hard_negatives = 0  # k of the out-of-pool penalty; 0: clamp(0.0002 Q, 3, 10)
 
     # Exponential moving average of the backbone (parameters and BatchNorm statistics),
     # updated every step: DCQ's key encoder, and an encoder to evaluate for any head.
     c.ema = ml_collections.ConfigDict()
     c.ema.enabled = "auto"  # auto: when the head needs one or eval.encoder = ema; on; off
-    c.ema.momentum = 0.999
+    c.ema.momentum = 0.0  # 0: the head's (dcq 0.999, f2c 0.99; others 0.999)
 
     # Optimizer for the backbone; the centers use the same kind and learning rate.
     c.optimizer = ml_collections.ConfigDict()
@@ -94,10 +104,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.image_size = 112  # aligned faces, square
     c.data.threads = 8  # reader threads per process (decoding releases the GIL)
     c.data.workers = 0  # extra worker processes per host for decoding; 0 = threads only
-    # pfc_jax.data.pipeline.SAMPLERS (identity_balanced: P ids x K images); auto: what the
-    # head needs (dcq: identity_balanced, else uniform).
+    # pfc_jax.data.pipeline.SAMPLERS (identity_balanced: P ids x K images; dual: identity
+    # pairs and random images); auto: what the head needs (dcq: identity_balanced, f2c:
+    # dual, else uniform).
     c.data.sampler = "auto"
     c.data.images_per_identity_in_batch = 0  # K of identity_balanced; 0: the head's (dcq: 2), else 4
+    c.data.identity_fraction = 0.5  # dual: share of each batch's images in identity pairs (F²C's 0.5)
     c.data.augment = ml_collections.ConfigDict()  # probabilities
     c.data.augment.flip = 0.5  # horizontal flip
     c.data.augment.blur = 0.0  # Gaussian blur

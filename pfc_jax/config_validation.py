@@ -94,8 +94,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     c.choice("head.name", heads.HEADS)
     c.choice("data.sampler", ("auto", *SAMPLERS))
     c.positive_int("data.images_per_identity_in_batch", minimum=0)
+    c.in_range("data.identity_fraction", 0.0, 1.0, low_open=True)
     c.choice("ema.enabled", ("auto", "on", "off"))
-    c.in_range("ema.momentum", 0.0, 1.0, high_open=True)
+    c.in_range("ema.momentum", 0.0, 1.0, high_open=True)  # 0: the head's
     c.choice("eval.encoder", ("auto", "online", "ema"))
     _check_requirements(c, num_devices)
     heads.HEADS[config.head.name].check(c)
@@ -158,13 +159,26 @@ def _check_requirements(c: Check, num_devices: int) -> None:
             k,
             f"must divide global_batch_size ({config.global_batch_size})",
         )
+    if need.sampler == "dual":
+        c.that(
+            config.global_batch_size % 2 == 0,
+            "global_batch_size",
+            config.global_batch_size,
+            "the dual sampler makes pairs: use an even global batch",
+        )
+        c.that(
+            config.data.images_per_identity_in_batch in (0, 2),
+            "data.images_per_identity_in_batch",
+            config.data.images_per_identity_in_batch,
+            "the dual sampler's identities come in pairs: use 2 or 0",
+        )
     if entry.images_per_identity:
         c.that(
-            need.sampler == "identity_balanced",
+            need.sampler in entry.samplers,
             "data.sampler",
             config.data.sampler,
             f"head {name!r} needs {entry.images_per_identity} images of each identity in every batch: "
-            "use identity_balanced (or auto)",
+            f"use {' or '.join(entry.samplers)} (or auto)",
         )
         c.that(
             k >= entry.images_per_identity,

@@ -50,6 +50,7 @@ def make_data(config, source):
         workers=d.workers,
         sampler=need.sampler,
         images_per_identity=need.images_per_identity,
+        identity_fraction=d.identity_fraction,
     )
 
 
@@ -107,7 +108,7 @@ def build(config, mesh, *, num_classes: int, num_examples: int) -> Setup:
         lr,
         grad_accum_steps=config.grad_accum_steps,
         dtype=spec.compute_dtype,
-        ema_momentum=config.ema.momentum if need.ema else None,
+        ema_momentum=need.ema_momentum if need.ema else None,
     )
     meta = {
         "model": spec.to_dict(),

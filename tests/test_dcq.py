@@ -243,10 +243,10 @@ def test_compiled_memory_does_not_depend_on_the_number_of_identities():
 def test_config_requirements_and_their_errors():
     c = recipes.load("synthetic", ["--config.head.name=dcq"])
     need = heads.requirements(c)
-    assert need == heads.Requirements("identity_balanced", 2, True, "ema")
+    assert need == heads.Requirements("identity_balanced", 2, True, "ema", 0.999)
     validate(c, num_devices=8)
     pfc = heads.requirements(recipes.load("synthetic"))
-    assert pfc == heads.Requirements("uniform", 4, False, "online")
+    assert pfc == heads.Requirements("uniform", 4, False, "online", 0.999)
     bad = {
         "--config.data.sampler=uniform": "config.data.sampler = 'uniform': head 'dcq' needs 2 images",
         "--config.data.images_per_identity_in_batch=1": "needs >= 2 images per identity",

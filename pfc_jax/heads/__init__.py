@@ -56,7 +56,7 @@ class Head(Protocol):
         """A few words for the run's start message (sizes per device)."""
 
     # Optional: ``key_encoder = "ema"`` on a head whose class weights are generated from
-    # the embeddings of a key encoder (DCQ): the trainer then keeps the EMA and passes
+    # the embeddings of a key encoder (DCQ, F²C): the trainer then keeps the EMA and passes
     # ``prepare`` its ``keys`` (see HeadEntry.key_encoder).
     #
     # Optional, read by the quality study (pfc_jax.study) where a head has them:
@@ -89,12 +89,24 @@ class HeadEntry:
       key_encoder: ``"ema"``: the head's class weights come from the backbone's
         exponential moving average (the trainer keeps one and passes its ``keys``), which
         is also the encoder evaluated and exported by default; None: no key encoder.
+      sampler: the data sampler the head needs (``pfc_jax.data.pipeline.SAMPLERS``);
+        None: ``identity_balanced`` if ``images_per_identity`` else any.
+      ema_momentum: the EMA's momentum where ``ema.momentum = 0`` (the head's default).
     """
 
     build: Callable[..., Head]
     check: Callable[[Any], None]
     images_per_identity: int = 0
     key_encoder: str | None = None
+    sampler: str | None = None
+    ema_momentum: float = 0.999
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        """The samplers the head can train with (empty: any)."""
+        if self.sampler:
+            return (self.sampler,)
+        return ("identity_balanced",) if self.images_per_identity else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +118,7 @@ class Requirements:
     images_per_identity: int  # data.images_per_identity_in_batch
     ema: bool  # keep an EMA of the backbone (ema.enabled)
     eval_encoder: str  # "online" | "ema": evaluated, embedded and exported by default
+    ema_momentum: float  # ema.momentum (0: the head's)
 
 
 DEFAULT_IMAGES_PER_IDENTITY = 4  # identity_balanced without a head that asks for a number
@@ -114,27 +127,29 @@ DEFAULT_IMAGES_PER_IDENTITY = 4  # identity_balanced without a head that asks fo
 def requirements(config) -> Requirements:
     """``config``'s sampler, images per identity, EMA and evaluated encoder, where
     ``auto`` (and ``images_per_identity_in_batch = 0``) means what the head prescribes:
-    DCQ gets identity-balanced batches of 2 images per identity, an EMA, and the EMA
-    evaluated; Partial FC the uniform sampler and the online encoder. Explicit values
+    DCQ gets identity-balanced batches of 2 images per identity, an EMA (momentum 0.999),
+    and the EMA evaluated; F²C the dual sampler's pairs, an EMA of momentum 0.99 and the
+    EMA evaluated; Partial FC the uniform sampler and the online encoder. Explicit values
     are kept as they are (config validation refuses those the head cannot use)."""
     entry = HEADS.get(config.head.name, HEADS["partial_fc"])
     sampler = config.data.sampler
     if sampler == "auto":
-        sampler = "identity_balanced" if entry.images_per_identity else "uniform"
+        sampler = entry.samplers[0] if entry.samplers else "uniform"
     per_identity = config.data.images_per_identity_in_batch or entry.images_per_identity or DEFAULT_IMAGES_PER_IDENTITY
     encoder = config.eval.encoder
     if encoder == "auto":
         encoder = "ema" if entry.key_encoder == "ema" else "online"
     enabled = config.ema.enabled
     ema = enabled == "on" or (enabled == "auto" and (entry.key_encoder == "ema" or encoder == "ema"))
-    return Requirements(sampler, per_identity, ema, encoder)
+    return Requirements(sampler, per_identity, ema, encoder, config.ema.momentum or entry.ema_momentum)
 
 
 # The head modules import HeadEntry from here, so they come after it.
-from pfc_jax.heads import dcq, partial_fc  # noqa: E402
+from pfc_jax.heads import dcq, f2c, partial_fc  # noqa: E402
 
 # name -> entry; config validation and the trainer read this and nothing else.
 HEADS: dict[str, HeadEntry] = {
     "partial_fc": partial_fc.ENTRY,
     "dcq": dcq.ENTRY,
+    "f2c": f2c.ENTRY,
 }
