@@ -66,6 +66,22 @@ def test_dcq_head_json_does_not_grow_with_the_identities():
     assert bad.returncode == 2 and "at least one step's 15 entries" in bad.stderr
 
 
+def test_f2c_head_json_follows_the_pool():
+    """F²C's head step at 10 million identities: its sizes are those of the pool (1 % of
+    the identities unless --pool-size)."""
+    out = run_bench(
+        "head", "--head", "f2c", "--classes", "10000000", "--batch", "32", "--dim", "16", "--pool-size", "100",
+        "--devices", "4", "--steps", "3", "--warmup", "0", "--json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["head"] == "f2c" and result["pool_size"] == 100 and result["queue_size"] is None
+    assert result["num_local"] == 25 and result["centers_and_state_bytes"] == 25 * (2 * 16 + 3) * 4
+    assert result["loss_first"] > 0 and result["compiled_total_bytes"] < 2**20
+    bad = run_bench("head", "--head", "f2c", "--classes", "10", "--batch", "30", "--pool-size", "8", "--devices", "2")
+    assert bad.returncode == 2 and "at least one step's 15 gallery features" in bad.stderr
+
+
 def test_head_text_output():
     out = run_bench("head", "--classes", "100", "--batch", "8", "--dim", "8", "--steps", "2")
     assert out.returncode == 0, out.stderr

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pfc_jax import checkpoint, heads, sharding
+from pfc_jax import checkpoint, heads, sharding, train
 from pfc_jax.config_validation import ConfigError, validate
 from pfc_jax.data import pipeline
 from pfc_jax.heads import margins
@@ -20,6 +20,7 @@ from pfc_jax.heads.pool import ClassPool
 from tests import recipes
 from tests.test_data import Indexed, batches
 from tests.test_dcq import _compiled_memory, items
+from tests.test_step import config as step_config
 from tests.test_train import run_main
 
 
@@ -257,6 +258,27 @@ def test_compiled_memory_does_not_depend_on_the_number_of_identities():
     sizes = {n: _compiled_memory(head(n), 64, 32) for n in (10**4, 10**7)}
     assert sizes[10**4] == sizes[10**7]
     assert sizes[10**4][1] > 1024 * 2 * 32 * 4 // 8  # the pool's block is among the arguments
+
+
+def test_gradient_accumulation_trains_the_same_pool():
+    """Two micro-batches: pairs stay whole (the micro-batch-major order keeps positions'
+    parity), the step's insertion is the same set of identities, the loss is finite."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 32, 16, 16, 3), dtype=np.uint8)
+    pairs = np.repeat(rng.choice(50, (2, 8), replace=False), 2, axis=1)
+    labels = np.concatenate([pairs, rng.integers(0, 50, (2, 16))], axis=1).astype(np.int32)
+    pools = {}
+    for k in (1, 2):
+        c = step_config(head__name="f2c", head__f2c__pool_size=64, grad_accum_steps=k)
+        mesh = sharding.make_mesh()
+        setup = train.build(c, mesh, num_classes=50, num_examples=1000)
+        state = setup.trainer.init(setup.params, setup.batch_stats, jax.random.key(0))
+        step, batch = setup.trainer.jit(), sharding.batch_sharding(mesh)
+        for b in range(2):
+            state, metrics = step(state, jax.device_put(images[b], batch), jax.device_put(labels[b], batch))
+            assert np.isfinite(float(metrics["loss"])) and float(metrics["in_pool"]) >= 0.5  # pairs always are
+        pools[k] = sorted(jax.device_get(state.head.slots["labels"]).tolist())
+    assert pools[1] == pools[2]
 
 
 # ---- end to end: the real main in subprocesses ------------------------------------------

@@ -3,7 +3,9 @@
 Partial FC (``--head partial_fc``): sample, gather, forward, backward and the sparse
 optimizer update, with a new sampling key every step. DCQ (``--head dcq``): the loss
 against the queue and its gradient, and the enqueue, with random keys standing in for
-the EMA encoder's (the batch is pairs of images of one identity). Reports the median /
+the EMA encoder's (the batch is pairs of images of one identity). F²C (``--head f2c``):
+both pool insertions, the loss against the pool and its gradient, with random gallery
+features; half the batch is pairs of one identity, half random images. Reports the median /
 min / max milliseconds per step, the per-device sizes that dominate memory (centers +
 optimizer rows or the queue, the logits) and the peak device memory where the backend
 reports it (GPU/TPU), else XLA's compiled estimate.
@@ -31,6 +33,7 @@ class HeadReport(Report):
     dim: int
     rate: float | None  # Partial FC
     queue_size: int | None  # DCQ
+    pool_size: int | None  # F²C
     optimizer: str
     logits_dtype: str
     num_local: int
@@ -42,32 +45,37 @@ class HeadReport(Report):
     compile_s: float
     loss_first: float
     loss_last: float
-    centers_and_state_bytes: int  # per device: what dominates memory (DCQ: the queue's rows)
+    centers_and_state_bytes: int  # per device: what dominates memory (DCQ: the queue's rows, F²C: the pool's)
     logits_bytes: int
     compiled_temp_bytes: int | None
     compiled_total_bytes: int | None
     peak_bytes: int | None
 
     def title(self) -> str:
-        what = f"rate={self.rate}" if self.head == "partial_fc" else f"queue={self.queue_size:,}"
+        what = {
+            "partial_fc": f"rate={self.rate}",
+            "dcq": f"queue={self.queue_size:,}",
+            "f2c": f"pool={self.pool_size:,}",
+        }[self.head]
         return (
             f"{self.head} head step  C={self.classes:,} B={self.batch} D={self.dim} {what} "
             f"on {self.devices} x {self.device_kind} ({self.platform})"
         )
 
     def rows(self):
-        dcq = self.head == "dcq"
+        generated = self.head in ("dcq", "f2c")
+        store = {"dcq": "queue", "f2c": "pool"}.get(self.head)
         return [
             (
-                "queue rows per shard" if dcq else "sampled per shard",
-                f"{self.num_local:,}" if dcq else f"{self.num_sample:,} of {self.num_local:,} rows",
+                f"{store} rows per shard" if generated else "sampled per shard",
+                f"{self.num_local:,}" if generated else f"{self.num_sample:,} of {self.num_local:,} rows",
             ),
             (
                 "ms/step",
                 f"median {self.ms_per_step:.2f}  min {self.ms_min:.2f}  max {self.ms_max:.2f}  "
                 f"({self.steps} steps; compile {self.compile_s:.1f} s)",
             ),
-            ("queue" if dcq else "centers + optimizer rows", f"{mib(self.centers_and_state_bytes)} per device"),
+            (store or "centers + optimizer rows", f"{mib(self.centers_and_state_bytes)} per device"),
             ("logits", f"{mib(self.logits_bytes)} per device"),
             ("compiled", f"temporaries {mib(self.compiled_temp_bytes)}, total {mib(self.compiled_total_bytes)}"),
             ("peak", mib(self.peak_bytes)),
@@ -80,15 +88,18 @@ def add_arguments(p) -> None:
 
     p.add_argument(
         "--head",
-        choices=("partial_fc", "dcq"),
+        choices=("partial_fc", "dcq", "f2c"),
         default="partial_fc",
-        help="--rate, --optimizer, --margin and --logits-dtype are partial_fc's, --queue-size dcq's",
+        help="--rate, --optimizer, --margin and --logits-dtype are partial_fc's, --queue-size dcq's, --pool-size f2c's",
     )
     p.add_argument("--classes", type=cli.positive_int, required=True, help="number of identities C")
     p.add_argument("--batch", type=cli.positive_int, default=256, help="global batch B")
     p.add_argument("--dim", type=cli.positive_int, default=512, help="embedding size D")
     p.add_argument("--rate", type=float, default=0.1, help="partial_fc: sample rate in [0, 1]")
     p.add_argument("--queue-size", type=cli.positive_int, default=8192, help="dcq: generated weights kept")
+    p.add_argument(
+        "--pool-size", type=cli.positive_int, default=None, help="f2c: identity slots (default: 1%% of --classes)"
+    )
     p.add_argument(
         "--devices",
         type=cli.positive_int,
@@ -113,6 +124,7 @@ def run(args) -> HeadReport:
     from pfc_jax import heads, optim, sharding
     from pfc_jax.heads import margins
     from pfc_jax.heads.dcq import DCQ
+    from pfc_jax.heads.f2c import F2C
     from pfc_jax.heads.partial_fc import PartialFC
 
     devices = select_devices(args.devices)
@@ -124,10 +136,20 @@ def run(args) -> HeadReport:
             f"--head dcq: --batch {args.batch} must be even (pairs of images) and --queue-size {args.queue_size} "
             f"at least one step's {args.batch // 2} entries"
         )
+    f2c = args.head == "f2c"
+    pool_size = (args.pool_size or max(-(-args.classes // 100), args.batch)) if f2c else None
+    if f2c and (args.batch % 2 or pool_size < args.batch // 2):
+        raise InputError(
+            f"--head f2c: --batch {args.batch} must be even (pairs of images) and --pool-size {pool_size} "
+            f"at least one step's {args.batch // 2} gallery features"
+        )
+    generated = dcq or f2c
     mesh = sharding.make_mesh(devices)
     tx = optim.sgd(0.1, 0.9, 5e-4) if args.optimizer == "sgd" else optim.adamw(1e-3)
     if dcq:
         head = DCQ(mesh, num_classes=args.classes, embedding_dim=args.dim, queue_size=args.queue_size)
+    elif f2c:
+        head = F2C(mesh, num_classes=args.classes, embedding_dim=args.dim, pool_size=pool_size)
     else:
         head = PartialFC(
             mesh,
@@ -144,6 +166,10 @@ def run(args) -> HeadReport:
     embeddings = jax.device_put(jax.random.normal(k_emb, (args.batch, args.dim)), batch)
     if dcq:  # pairs: each identity's two images in a row
         labels = jnp.repeat(jax.random.randint(k_lab, (args.batch // 2,), 0, args.classes), 2)
+        keys = jax.device_put(embeddings + 0.5 * jax.random.normal(k_step, embeddings.shape), batch)
+    elif f2c:  # the dual sampler's batch: identity pairs, then random images
+        pairs = jnp.repeat(jax.random.randint(k_lab, (args.batch // 4,), 0, args.classes), 2)
+        labels = jnp.concatenate([pairs, jax.random.randint(k_step, (args.batch - pairs.shape[0],), 0, args.classes)])
         keys = jax.device_put(embeddings + 0.5 * jax.random.normal(k_step, embeddings.shape), batch)
     else:
         labels, keys = jax.random.randint(k_lab, (args.batch,), 0, args.classes), None
@@ -170,6 +196,9 @@ def run(args) -> HeadReport:
     if dcq:
         num_local = num_sample = head.queue.num_local
         state_bytes = num_local * (args.dim + 1) * 4  # weights and labels
+    elif f2c:
+        num_local = num_sample = head.pool.num_local
+        state_bytes = num_local * (2 * args.dim + 3) * 4  # two views, labels, stamps, next view
     else:
         num_local, num_sample = head.num_local, head.num_sample(args.batch)
         row_leaves = sum(1 for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == state.centers.shape)
@@ -183,10 +212,11 @@ def run(args) -> HeadReport:
         classes=args.classes,
         batch=args.batch,
         dim=args.dim,
-        rate=None if dcq else args.rate,
+        rate=None if generated else args.rate,
         queue_size=args.queue_size if dcq else None,
-        optimizer="none" if dcq else args.optimizer,
-        logits_dtype="float32" if dcq else args.logits_dtype,
+        pool_size=pool_size,
+        optimizer="none" if generated else args.optimizer,
+        logits_dtype="float32" if generated else args.logits_dtype,
         num_local=num_local,
         num_sample=num_sample,
         steps=args.steps,

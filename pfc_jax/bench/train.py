@@ -88,7 +88,7 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--classes", type=cli.positive_int, default=None, help="number of identities (default: the config's)"
     )
-    p.add_argument("--head", default=None, help="head name, e.g. partial_fc, dcq (default: the config's)")
+    p.add_argument("--head", default=None, help="head name: partial_fc, dcq, f2c (default: the config's)")
     p.add_argument("--rate", type=float, default=None, help="partial_fc's sample rate (default: the config's)")
     p.add_argument("--backbone", default=None, help="backbone name (default: the config's)")
     p.add_argument("--batch", type=cli.positive_int, default=None, help="global batch (default: the config's)")
