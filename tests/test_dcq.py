@@ -282,31 +282,40 @@ def items(workdir, step):
     return out
 
 
-@pytest.fixture(scope="module")
-def dcq_runs(tmp_path_factory):
-    """A: 12 DCQ steps straight on 8 devices. B: stopped at 6, resumed by a new process;
-    a copy of B at 6 continues on 1 device."""
-    base = tmp_path_factory.mktemp("dcq")
+def straight_resumed_and_moved(base, flags):
+    """A: 12 steps straight on 8 devices, evaluated at the end on the held-out synthetic
+    identities. B: stopped at 6, resumed by a new process. One: a copy of B at 6 continues
+    on 1 device. Returns the workdirs and the processes' outputs."""
     a, b, one = base / "a", base / "b", base / "one"
-    # A also evaluates its EMA encoder at the end on the held-out synthetic identities.
-    out = {"a": run_main(a, *DCQ_RUN, "--config.eval.bins=synthetic")}
-    out["b1"] = run_main(b, *DCQ_RUN, "--config.stop_at_step=6")
+    out = {"a": run_main(a, *flags, "--config.eval.bins=synthetic")}
+    out["b1"] = run_main(b, *flags, "--config.stop_at_step=6")
     shutil.copytree(b, one)
-    out["b2"] = run_main(b, *DCQ_RUN)
-    out["one"] = run_main(one, *DCQ_RUN, devices=1)
+    out["b2"] = run_main(b, *flags)
+    out["one"] = run_main(one, *flags, devices=1)
     for name, o in out.items():
         assert o.returncode == 0, (name, o.stderr[-3000:])
     return dict(a=a, b=b, one=one, out=out)
 
 
-def test_dcq_run_resumes_bit_identically(dcq_runs):
-    assert "resumed from checkpoint step 6" in dcq_runs["out"]["b2"].stdout
-    straight, resumed = items(dcq_runs["a"], 12), items(dcq_runs["b"], 12)
+def assert_resumed_bit_identically(runs):
+    """B's step 12, resumed from 6, is A's step 12 bit for bit; returns A's checkpoint."""
+    assert "resumed from checkpoint step 6" in runs["out"]["b2"].stdout
+    straight, resumed = items(runs["a"], 12), items(runs["b"], 12)
     flat_a = jax.tree_util.tree_leaves_with_path(straight)
     flat_b = dict(jax.tree_util.tree_leaves_with_path(resumed))
     assert len(flat_a) == len(flat_b)
     for path, leaf in flat_a:
         np.testing.assert_array_equal(leaf, flat_b[path], err_msg=jax.tree_util.keystr(path))
+    return straight
+
+
+@pytest.fixture(scope="module")
+def dcq_runs(tmp_path_factory):
+    return straight_resumed_and_moved(tmp_path_factory.mktemp("dcq"), DCQ_RUN)
+
+
+def test_dcq_run_resumes_bit_identically(dcq_runs):
+    straight = assert_resumed_bit_identically(dcq_runs)
     head = straight["train"]["head"]
     assert head["slots"]["weights"].shape == (24, 16)  # 20 slots padded for 8 devices
     assert int(head["ptr"]) == 12 * 8 % 20 and (head["slots"]["labels"][:20] >= 0).all()

@@ -4,7 +4,6 @@ sampler, the config's requirements, memory, and whole runs (resume, resharding, 
 import copy
 import json
 import re
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +18,8 @@ from pfc_jax.heads.f2c import F2C, default_hard_negatives
 from pfc_jax.heads.pool import ClassPool
 from tests import recipes
 from tests.test_data import Indexed, batches
-from tests.test_dcq import _compiled_memory, items
+from tests.test_dcq import _compiled_memory, assert_resumed_bit_identically, items, straight_resumed_and_moved
 from tests.test_step import config as step_config
-from tests.test_train import run_main
 
 
 class PythonPool:
@@ -292,28 +290,12 @@ F2C_RUN = [
 
 @pytest.fixture(scope="module")
 def f2c_runs(tmp_path_factory):
-    """A: 12 F²C steps straight on 8 devices, evaluated. B: stopped at 6, resumed by a new
-    process; a copy of B at 6 continues on 1 device."""
-    base = tmp_path_factory.mktemp("f2c")
-    a, b, one = base / "a", base / "b", base / "one"
-    out = {"a": run_main(a, *F2C_RUN, "--config.eval.bins=synthetic")}
-    out["b1"] = run_main(b, *F2C_RUN, "--config.stop_at_step=6")
-    shutil.copytree(b, one)
-    out["b2"] = run_main(b, *F2C_RUN)
-    out["one"] = run_main(one, *F2C_RUN, devices=1)
-    for name, o in out.items():
-        assert o.returncode == 0, (name, o.stderr[-3000:])
-    return dict(a=a, b=b, one=one, out=out)
+    """12 steps straight on 8 devices; stopped at 6 and resumed; continued on 1 device."""
+    return straight_resumed_and_moved(tmp_path_factory.mktemp("f2c"), F2C_RUN)
 
 
 def test_f2c_run_resumes_bit_identically(f2c_runs):
-    assert "resumed from checkpoint step 6" in f2c_runs["out"]["b2"].stdout
-    straight, resumed = items(f2c_runs["a"], 12), items(f2c_runs["b"], 12)
-    flat_a = jax.tree_util.tree_leaves_with_path(straight)
-    flat_b = dict(jax.tree_util.tree_leaves_with_path(resumed))
-    assert len(flat_a) == len(flat_b)
-    for path, leaf in flat_a:
-        np.testing.assert_array_equal(leaf, flat_b[path], err_msg=jax.tree_util.keystr(path))
+    straight = assert_resumed_bit_identically(f2c_runs)
     head = straight["train"]["head"]
     assert head["slots"]["views"].shape == (16, 2, 16)  # 12 slots padded for 8 devices
     assert int(head["clock"]) == 12 * 8 and (head["slots"]["labels"][:12] >= 0).all()

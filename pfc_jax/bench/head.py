@@ -52,11 +52,12 @@ class HeadReport(Report):
     peak_bytes: int | None
 
     def title(self) -> str:
-        what = {
-            "partial_fc": f"rate={self.rate}",
-            "dcq": f"queue={self.queue_size:,}",
-            "f2c": f"pool={self.pool_size:,}",
-        }[self.head]
+        if self.head == "dcq":
+            what = f"queue={self.queue_size:,}"
+        elif self.head == "f2c":
+            what = f"pool={self.pool_size:,}"
+        else:
+            what = f"rate={self.rate}"
         return (
             f"{self.head} head step  C={self.classes:,} B={self.batch} D={self.dim} {what} "
             f"on {self.devices} x {self.device_kind} ({self.platform})"
