@@ -31,7 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.0  # before the final FC (iResNet only)
 
     # Classification head over all identities (pfc_jax.heads.HEADS): partial_fc (the
-    # fields below up to head.dcq), dcq (head.dcq) or f2c (head.f2c).
+    # fields below up to head.dcq), dcq (head.dcq), f2c (head.f2c) or prototype_memory
+    # (head.prototype_memory, with the margin head.margin).
     c.head = ml_collections.ConfigDict()
     c.head.name = "partial_fc"
     c.head.sample_rate = 1.0  # fraction of class centers per step; 1.0 = full softmax
@@ -68,6 +69,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.head.f2c.scale = 32.0  # s (the official code's)
     c.head.f2c.margin = 0.4  # m (the official CosFace default)
     c.head.f2c.hard_negatives = 0  # k of the out-of-pool penalty; 0: clamp(0.0002 Q, 3, 10)
+    # Prototype Memory (pfc_jax.heads.prototype_memory): class weights are prototypes (the
+    # normalized mean embedding of an identity's images in a batch) kept in a memory of
+    # slots, refreshed when the identity comes back, the oldest dequeued; the margin is
+    # head.margin's; batches from identity_balanced (data.images_per_identity_in_batch).
+    c.head.prototype_memory = ml_collections.ConfigDict()
+    c.head.prototype_memory.memory_fraction = 0.01  # M = this x identities, at least 2 x global_batch_size
+    c.head.prototype_memory.memory_size = 0  # > 0: M itself (>= global_batch_size), overriding memory_fraction
+    c.head.prototype_memory.gradient_through_prototypes = True  # differentiate through the batch's new prototypes
+    # The target of an embedding: all (its identity's new prototype, itself included) or
+    # leave_one_out (the mean of the identity's other images in the batch).
+    c.head.prototype_memory.positive = "all"
 
     # Exponential moving average of the backbone (parameters and BatchNorm statistics),
     # updated every step: DCQ's key encoder, and an encoder to evaluate for any head.
@@ -105,8 +117,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.threads = 8  # reader threads per process (decoding releases the GIL)
     c.data.workers = 0  # extra worker processes per host for decoding; 0 = threads only
     # pfc_jax.data.pipeline.SAMPLERS (identity_balanced: P ids x K images; dual: identity
-    # pairs and random images); auto: what the head needs (dcq: identity_balanced, f2c:
-    # dual, else uniform).
+    # pairs and random images); auto: what the head needs (dcq, prototype_memory:
+    # identity_balanced, f2c: dual, else uniform).
     c.data.sampler = "auto"
     c.data.images_per_identity_in_batch = 0  # K of identity_balanced; 0: the head's (dcq: 2), else 4
     c.data.identity_fraction = 0.5  # dual: share of each batch's images in identity pairs (F²C's 0.5)

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 
 from pfc_jax import models, sharding
-from pfc_jax.heads import Head
+from pfc_jax.heads import Head, uses_embeddings
 from pfc_jax.inference import normalize_images
 
 
@@ -198,6 +198,7 @@ class TrainStep:
             )
             inputs["keys"] = keys.reshape(-1, keys.shape[-1])
         head_params, context, step_metrics = head.prepare(state.head, labels.reshape(-1), head_key, **inputs)
+        keep_embeddings = uses_embeddings(head)
 
         def micro_step(carry, k):
             batch_stats, g_params, g_head, loss = carry
@@ -208,20 +209,26 @@ class TrainStep:
             )
             (g_params_k,) = backward(g_emb)
             add = lambda a, b: jax.tree.map(jnp.add, a, b)
-            return (batch_stats, add(g_params, g_params_k), add(g_head, g_head_k), loss + loss_k), metrics_k
+            kept = jax.lax.stop_gradient(embeddings) if keep_embeddings else None
+            return (batch_stats, add(g_params, g_params_k), add(g_head, g_head_k), loss + loss_k), (metrics_k, kept)
 
         zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
         carry = (state.batch_stats, zeros(state.params), zeros(head_params), jnp.zeros(()))
         if k_micro == 1:
-            (batch_stats, g_params, g_head, loss), micro_metrics = micro_step(carry, 0)
+            (batch_stats, g_params, g_head, loss), (micro_metrics, kept) = micro_step(carry, 0)
         else:
-            (batch_stats, g_params, g_head, loss), per_micro = jax.lax.scan(micro_step, carry, jnp.arange(k_micro))
+            (batch_stats, g_params, g_head, loss), (per_micro, kept) = jax.lax.scan(
+                micro_step, carry, jnp.arange(k_micro)
+            )
             micro_metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), per_micro)
+        # The head's update may write the step's embeddings (micro-batch-major, like the labels).
+        written = {"embeddings": kept.reshape(-1, kept.shape[-1])} if keep_embeddings else {}
         mean = lambda tree: jax.tree.map(lambda g: g / k_micro, tree)
         g_params, g_head = mean(g_params), mean(g_head)
 
         new_state = self._update_backbone(state, g_params, batch_stats)
-        new_state = new_state._replace(step=state.step + 1, head=head.update(state.head, head_params, context, g_head))
+        new_head = head.update(state.head, head_params, context, g_head, **written)
+        new_state = new_state._replace(step=state.step + 1, head=new_head)
         ema_metrics = {}
         if self.ema_momentum is not None:
             new_state = self._update_ema(new_state)

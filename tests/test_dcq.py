@@ -274,10 +274,10 @@ DCQ_RUN = [
 ]
 
 
-def items(workdir, step):
+def items(workdir, step, names=("train", "backbone", "ema")):
     path = pathlib.Path(workdir) / "checkpoints" / str(step)
     out = {}
-    for item in ("train", "backbone", "ema"):
+    for item in names:
         out[item] = jax.tree.map(np.asarray, ocp.PyTreeCheckpointer().restore(path / item))
     return out
 
@@ -297,10 +297,11 @@ def straight_resumed_and_moved(base, flags):
     return dict(a=a, b=b, one=one, out=out)
 
 
-def assert_resumed_bit_identically(runs):
-    """B's step 12, resumed from 6, is A's step 12 bit for bit; returns A's checkpoint."""
+def assert_resumed_bit_identically(runs, names=("train", "backbone", "ema")):
+    """B's step 12, resumed from 6, is A's step 12 bit for bit (checkpoint items
+    ``names``); returns A's checkpoint."""
     assert "resumed from checkpoint step 6" in runs["out"]["b2"].stdout
-    straight, resumed = items(runs["a"], 12), items(runs["b"], 12)
+    straight, resumed = items(runs["a"], 12, names), items(runs["b"], 12, names)
     flat_a = jax.tree_util.tree_leaves_with_path(straight)
     flat_b = dict(jax.tree_util.tree_leaves_with_path(resumed))
     assert len(flat_a) == len(flat_b)

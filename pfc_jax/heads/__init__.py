@@ -49,8 +49,10 @@ class Head(Protocol):
         """``(loss, metrics)`` of micro-batch ``micro`` (embeddings [B_g/K, D], sharded on
         ``data``); the trainer reports the mean of the metrics over micro-batches."""
 
-    def update(self, state: PyTree, params: PyTree, context: PyTree, grads: PyTree) -> PyTree:
-        """The new state from the mean gradient w.r.t. ``params``."""
+    def update(self, state: PyTree, params: PyTree, context: PyTree, grads: PyTree, **inputs) -> PyTree:
+        """The new state from the mean gradient w.r.t. ``params``. A head with
+        ``update_uses_embeddings = True`` also gets ``embeddings`` (f32[B_g, D], the step's
+        embeddings of every micro-batch, in the order of ``prepare``'s labels, no gradient)."""
 
     def describe(self, global_batch: int) -> str:
         """A few words for the run's start message (sizes per device)."""
@@ -58,6 +60,9 @@ class Head(Protocol):
     # Optional: ``key_encoder = "ema"`` on a head whose class weights are generated from
     # the embeddings of a key encoder (DCQ, F²C): the trainer then keeps the EMA and passes
     # ``prepare`` its ``keys`` (see HeadEntry.key_encoder).
+    #
+    # Optional: ``update_uses_embeddings = True`` on a head whose state is written from the
+    # step's own embeddings (Prototype Memory): the trainer passes them to ``update``.
     #
     # Optional, read by the quality study (pfc_jax.study) where a head has them:
     #   class_weights(state) -> f32[num_classes, D]: each class's stored (or generated) weight;
@@ -73,7 +78,14 @@ def step(head: Head, state: PyTree, embeddings: jax.Array, labels: jax.Array, ke
     (loss, loss_metrics), (grad_embeddings, grads) = jax.value_and_grad(head.micro_loss, argnums=(2, 0), has_aux=True)(
         params, context, embeddings, 0
     )
-    return head.update(state, params, context, grads), grad_embeddings, {"loss": loss, **loss_metrics, **metrics}
+    written = {"embeddings": jax.lax.stop_gradient(embeddings)} if uses_embeddings(head) else {}
+    new_state = head.update(state, params, context, grads, **written)
+    return new_state, grad_embeddings, {"loss": loss, **loss_metrics, **metrics}
+
+
+def uses_embeddings(head: Head) -> bool:
+    """Whether ``head.update`` takes the step's ``embeddings`` (see :class:`Head`)."""
+    return bool(getattr(head, "update_uses_embeddings", False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +141,8 @@ def requirements(config) -> Requirements:
     ``auto`` (and ``images_per_identity_in_batch = 0``) means what the head prescribes:
     DCQ gets identity-balanced batches of 2 images per identity, an EMA (momentum 0.999),
     and the EMA evaluated; F²C the dual sampler's pairs, an EMA of momentum 0.99 and the
-    EMA evaluated; Partial FC the uniform sampler and the online encoder. Explicit values
+    EMA evaluated; Prototype Memory identity-balanced batches of 2 images per identity and
+    the online encoder; Partial FC the uniform sampler and the online encoder. Explicit values
     are kept as they are (config validation refuses those the head cannot use)."""
     entry = HEADS.get(config.head.name, HEADS["partial_fc"])
     sampler = config.data.sampler
@@ -145,11 +158,12 @@ def requirements(config) -> Requirements:
 
 
 # The head modules import HeadEntry from here, so they come after it.
-from pfc_jax.heads import dcq, f2c, partial_fc  # noqa: E402
+from pfc_jax.heads import dcq, f2c, partial_fc, prototype_memory  # noqa: E402
 
 # name -> entry; config validation and the trainer read this and nothing else.
 HEADS: dict[str, HeadEntry] = {
     "partial_fc": partial_fc.ENTRY,
     "dcq": dcq.ENTRY,
     "f2c": f2c.ENTRY,
+    "prototype_memory": prototype_memory.ENTRY,
 }

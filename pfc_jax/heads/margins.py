@@ -151,3 +151,12 @@ def arcface(s: float = 64.0, m: float = 0.5, **kwargs) -> CombinedMargin:
 def cosface(s: float = 64.0, m: float = 0.4, **kwargs) -> CombinedMargin:
     """CosFace: additive cosine margin ``cos(theta) - m``."""
     return CombinedMargin(s=s, m1=1.0, m2=0.0, m3=m, **kwargs)
+
+
+def check_config(c) -> None:
+    """The ``config.head.margin`` fields (``c``: a config_validation.Check), as
+    :class:`CombinedMargin` checks them."""
+    try:
+        CombinedMargin(**c.config.head.margin.to_dict())
+    except (ValueError, TypeError) as e:
+        c.fail_group("head.margin", e)

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from pfc_jax import heads, models, optim, sharding
-from pfc_jax.heads import sampler
+from pfc_jax.heads import margins, sampler
 from pfc_jax.heads.margins import CombinedMargin
 from pfc_jax.optim import SparseRows, write_index
 
@@ -491,10 +491,7 @@ def check_config(c) -> None:
         c.config.head.count_samples,
         "must be True or False",
     )
-    try:
-        CombinedMargin(**c.config.head.margin.to_dict())
-    except (ValueError, TypeError) as e:
-        c.fail_group("head.margin", e)
+    margins.check_config(c)
 
 
 ENTRY = heads.HeadEntry(build=from_config, check=check_config)

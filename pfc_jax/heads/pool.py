@@ -7,7 +7,8 @@ rows over the ``data`` axis like the class centers (``size_padded`` is ``size`` 
 to a multiple of the device count; rows ``>= size`` are padding and never used, so
 restoring on another device count, which pads or truncates the rows, changes nothing).
 
-Per slot: ``views`` f32[2, D] (two gallery features of its identity), ``labels`` i32
+Per slot: ``views`` f32[V, D] (F²C: V = 2 gallery features of its identity; Prototype
+Memory, :mod:`pfc_jax.heads.prototype_memory`: V = 1 prototype), ``labels`` i32
 (``EMPTY`` if never written), ``stamps`` i32 (when the slot was last used: the LRU order)
 and ``next_view`` i32 (which view the next feature overwrites). Besides them the state
 holds ``clock``, the number of features inserted so far; a feature's stamp is the clock
@@ -24,9 +25,9 @@ that; this way the pool's memory is the same at 10^4 or 10^8 identities.
 looked up in the pool as it was before the step. A label found keeps its slot (a hit); the
 distinct labels not found, in order of first appearance, take the empty slots (lowest row
 first) and then the least recently used ones, never a slot the same batch uses. Each
-feature overwrites view ``next_view`` of its slot and flips it; a new identity writes view
-0 first. A label that appears ``c`` times in the batch writes ``c`` features in a row, so
-only its last two remain. A slot's stamp becomes that of its identity's last feature in
+feature overwrites view ``next_view`` of its slot and moves it on (mod V); a new identity
+writes view 0 first. A label that appears ``c`` times in the batch writes ``c`` features in
+a row, so only its last V remain. A slot's stamp becomes that of its identity's last feature in
 the batch. With ``size >= n`` every label of a batch gets a slot.
 
 This is the official code's per-feature LRU (tiandunx/FFC, ``lru_python_impl.py`` driven
@@ -54,7 +55,7 @@ _EXCLUDED = 0x7F000000  # eviction order of slots that cannot be taken (+inf by 
 
 
 class PoolState(NamedTuple):
-    """``slots``: ``views`` f32[Qp, 2, D], ``labels``, ``stamps``, ``next_view`` i32[Qp]
+    """``slots``: ``views`` f32[Qp, V, D], ``labels``, ``stamps``, ``next_view`` i32[Qp]
     (rows sharded); ``clock`` i32[] (replicated): features inserted so far."""
 
     slots: dict
@@ -66,7 +67,7 @@ class Plan(NamedTuple):
 
     Attributes:
       slots: i32[n]: the global slot of each feature.
-      views: i32[n]: the view (0 or 1) each feature overwrites.
+      views: i32[n]: the view (0 .. V - 1) each feature overwrites.
       write: bool[n]: whether it is written (the last two copies of a label are).
       labels, stamps, next_view: i32[Qp] (rows sharded): the slots' fields after it.
       refreshed: bool[Qp] (rows sharded): slots whose identity was already there, or got
@@ -97,15 +98,19 @@ def order_keys(keys: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class ClassPool:
-    """``size`` identity slots of two ``dim``-dimensional views each (module docstring)."""
+    """``size`` identity slots of ``views`` (two for F²C, one for Prototype Memory)
+    ``dim``-dimensional features each (module docstring)."""
 
     mesh: Mesh
     size: int
     dim: int
+    views: int = 2
 
     def __post_init__(self):
         if self.size < 1:
             raise ValueError(f"pool size must be >= 1, got {self.size}")
+        if self.views not in (1, 2):
+            raise ValueError(f"views per slot must be 1 or 2, got {self.views}")
         if self.dim < 1:
             raise ValueError(f"feature dimension must be >= 1, got {self.dim}")
 
@@ -133,7 +138,7 @@ class ClassPool:
         """An empty pool (pure; jit it with :meth:`shardings`)."""
         q = self.size_padded
         slots = {
-            "views": jnp.zeros((q, 2, self.dim), jnp.float32),
+            "views": jnp.zeros((q, self.views, self.dim), jnp.float32),
             "labels": jnp.full((q,), EMPTY, jnp.int32),
             "stamps": jnp.full((q,), -1, jnp.int32),
             "next_view": jnp.zeros((q,), jnp.int32),
@@ -170,7 +175,7 @@ class ClassPool:
         n = int(labels.shape[0])
         if n > self.size:
             raise ValueError(f"insert: {n} features in one batch, but the pool has {self.size} slots")
-        size, size_padded, num_local = self.size, self.size_padded, self.num_local
+        size, size_padded, num_local, views = self.size, self.size_padded, self.num_local, self.views
         k_local = min(n, num_local)
         excluded = order_keys(jnp.int32(_EXCLUDED))
 
@@ -209,10 +214,10 @@ class ClassPool:
             fields = {
                 "labels": slots["labels"].at[at].set(labels, mode="drop"),
                 "stamps": slots["stamps"].at[at].set(clock + index, mode="drop"),
-                "next_view": slots["next_view"].at[at].set(jnp.mod(base + count, 2), mode="drop"),
+                "next_view": slots["next_view"].at[at].set(jnp.mod(base + count, views), mode="drop"),
                 "refreshed": jnp.zeros(num_local, bool).at[at].set((hit >= 0) | (count >= 2), mode="drop"),
             }
-            entries = (slot, jnp.mod(base + rank, 2), rank >= count - 2)  # earlier copies are overwritten
+            entries = (slot, jnp.mod(base + rank, views), rank >= count - views)  # earlier copies are overwritten
             counts = (jnp.sum((hit >= 0) & (rank == 0)), jnp.sum(miss), jnp.sum(miss & old_owner))
             return entries, fields, counts
 
@@ -265,7 +270,7 @@ class ClassPool:
         the pool (the study's staleness of generated weights)."""
         host = jax.device_get(state.slots)
         labels = np.asarray(host["labels"])[: self.size]
-        newest = np.mod(np.asarray(host["next_view"])[: self.size] - 1, 2)
+        newest = np.mod(np.asarray(host["next_view"])[: self.size] - 1, self.views)
         views = np.asarray(host["views"])[: self.size]
         out = np.full((num_labels, self.dim), np.nan, np.float32)
         keep = np.flatnonzero((labels >= 0) & (labels < num_labels))
