@@ -88,6 +88,17 @@ def test_head_text_output():
     assert "sampled per shard" in out.stdout and re.search(r"ms/step +median", out.stdout)
 
 
+def test_prototype_memory_head_text_follows_the_memory():
+    out = run_bench(
+        "head", "--head", "prototype_memory", "--classes", "10000000", "--batch", "32", "--dim", "16",
+        "--memory-size", "100", "--devices", "4", "--steps", "2", "--warmup", "0",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "memory=100 on 4 x cpu" in out.stdout and re.search(r"memory rows per shard +25\n", out.stdout)
+    bad = run_bench("head", "--head", "prototype_memory", "--classes", "10", "--batch", "30", "--memory-size", "8")
+    assert bad.returncode == 2 and "at least one step's 30 images" in bad.stderr
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

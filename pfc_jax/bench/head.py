@@ -5,7 +5,10 @@ optimizer update, with a new sampling key every step. DCQ (``--head dcq``): the 
 against the queue and its gradient, and the enqueue, with random keys standing in for
 the EMA encoder's (the batch is pairs of images of one identity). F²C (``--head f2c``):
 both pool insertions, the loss against the pool and its gradient, with random gallery
-features; half the batch is pairs of one identity, half random images. Reports the median /
+features; half the batch is pairs of one identity, half random images. Prototype Memory
+(``--head prototype_memory``): the batch's prototypes, the loss against the memory and
+its gradient through them, and the memory's update; the batch is pairs of one identity.
+Reports the median /
 min / max milliseconds per step, the per-device sizes that dominate memory (centers +
 optimizer rows or the queue, the logits) and the peak device memory where the backend
 reports it (GPU/TPU), else XLA's compiled estimate.
@@ -34,6 +37,7 @@ class HeadReport(Report):
     rate: float | None  # Partial FC
     queue_size: int | None  # DCQ
     pool_size: int | None  # F²C
+    memory_size: int | None  # Prototype Memory
     optimizer: str
     logits_dtype: str
     num_local: int
@@ -56,6 +60,8 @@ class HeadReport(Report):
             what = f"queue={self.queue_size:,}"
         elif self.head == "f2c":
             what = f"pool={self.pool_size:,}"
+        elif self.head == "prototype_memory":
+            what = f"memory={self.memory_size:,}"
         else:
             what = f"rate={self.rate}"
         return (
@@ -64,8 +70,8 @@ class HeadReport(Report):
         )
 
     def rows(self):
-        generated = self.head in ("dcq", "f2c")
-        store = {"dcq": "queue", "f2c": "pool"}.get(self.head)
+        generated = self.head in ("dcq", "f2c", "prototype_memory")
+        store = {"dcq": "queue", "f2c": "pool", "prototype_memory": "memory"}.get(self.head)
         return [
             (
                 f"{store} rows per shard" if generated else "sampled per shard",
@@ -89,9 +95,10 @@ def add_arguments(p) -> None:
 
     p.add_argument(
         "--head",
-        choices=("partial_fc", "dcq", "f2c"),
+        choices=("partial_fc", "dcq", "f2c", "prototype_memory"),
         default="partial_fc",
-        help="--rate, --optimizer, --margin and --logits-dtype are partial_fc's, --queue-size dcq's, --pool-size f2c's",
+        help="--rate, --optimizer and --logits-dtype are partial_fc's, --margin partial_fc's and prototype_memory's, "
+        "--queue-size dcq's, --pool-size f2c's, --memory-size prototype_memory's",
     )
     p.add_argument("--classes", type=cli.positive_int, required=True, help="number of identities C")
     p.add_argument("--batch", type=cli.positive_int, default=256, help="global batch B")
@@ -100,6 +107,12 @@ def add_arguments(p) -> None:
     p.add_argument("--queue-size", type=cli.positive_int, default=8192, help="dcq: generated weights kept")
     p.add_argument(
         "--pool-size", type=cli.positive_int, default=None, help="f2c: identity slots (default: 1%% of --classes)"
+    )
+    p.add_argument(
+        "--memory-size",
+        type=cli.positive_int,
+        default=None,
+        help="prototype_memory: prototype slots (default: 1%% of --classes, at least 2 x --batch)",
     )
     p.add_argument(
         "--devices",
@@ -127,6 +140,7 @@ def run(args) -> HeadReport:
     from pfc_jax.heads.dcq import DCQ
     from pfc_jax.heads.f2c import F2C
     from pfc_jax.heads.partial_fc import PartialFC
+    from pfc_jax.heads.prototype_memory import PrototypeMemory
 
     devices = select_devices(args.devices)
     if args.batch % len(devices):
@@ -144,20 +158,32 @@ def run(args) -> HeadReport:
             f"--head f2c: --batch {args.batch} must be even (pairs of images) and --pool-size {pool_size} "
             f"at least one step's {args.batch // 2} gallery features"
         )
-    generated = dcq or f2c
+    pm = args.head == "prototype_memory"
+    memory_size = (args.memory_size or max(-(-args.classes // 100), 2 * args.batch)) if pm else None
+    if pm and (args.batch % 2 or memory_size < args.batch):
+        raise InputError(
+            f"--head prototype_memory: --batch {args.batch} must be even (pairs of images) and --memory-size "
+            f"{memory_size} at least one step's {args.batch} images"
+        )
+    generated = dcq or f2c or pm
     mesh = sharding.make_mesh(devices)
+    margin = margins.arcface() if args.margin == "arcface" else margins.cosface()
     tx = optim.sgd(0.1, 0.9, 5e-4) if args.optimizer == "sgd" else optim.adamw(1e-3)
     if dcq:
         head = DCQ(mesh, num_classes=args.classes, embedding_dim=args.dim, queue_size=args.queue_size)
     elif f2c:
         head = F2C(mesh, num_classes=args.classes, embedding_dim=args.dim, pool_size=pool_size)
+    elif pm:
+        head = PrototypeMemory(
+            mesh, num_classes=args.classes, embedding_dim=args.dim, memory_size=memory_size, margin=margin
+        )
     else:
         head = PartialFC(
             mesh,
             num_classes=args.classes,
             embedding_dim=args.dim,
             sample_rate=args.rate,
-            margin=margins.arcface() if args.margin == "arcface" else margins.cosface(),
+            margin=margin,
             optimizer=tx,
             logits_dtype=jnp.dtype(args.logits_dtype),
         )
@@ -165,9 +191,9 @@ def run(args) -> HeadReport:
     batch = sharding.batch_sharding(mesh)
     state = jax.jit(head.init_state, out_shardings=head.state_shardings())(k_state)
     embeddings = jax.device_put(jax.random.normal(k_emb, (args.batch, args.dim)), batch)
-    if dcq:  # pairs: each identity's two images in a row
+    if dcq or pm:  # pairs: each identity's two images in a row
         labels = jnp.repeat(jax.random.randint(k_lab, (args.batch // 2,), 0, args.classes), 2)
-        keys = jax.device_put(embeddings + 0.5 * jax.random.normal(k_step, embeddings.shape), batch)
+        keys = jax.device_put(embeddings + 0.5 * jax.random.normal(k_step, embeddings.shape), batch) if dcq else None
     elif f2c:  # the dual sampler's batch: identity pairs, then random images
         pairs = jnp.repeat(jax.random.randint(k_lab, (args.batch // 4,), 0, args.classes), 2)
         labels = jnp.concatenate([pairs, jax.random.randint(k_step, (args.batch - pairs.shape[0],), 0, args.classes)])
@@ -200,6 +226,9 @@ def run(args) -> HeadReport:
     elif f2c:
         num_local = num_sample = head.pool.num_local
         state_bytes = num_local * (2 * args.dim + 3) * 4  # two views, labels, stamps, next view
+    elif pm:
+        num_local = num_sample = head.memory.num_local
+        state_bytes = num_local * (args.dim + 3) * 4  # the prototype, labels, stamps, next view
     else:
         num_local, num_sample = head.num_local, head.num_sample(args.batch)
         row_leaves = sum(1 for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == state.centers.shape)
@@ -216,6 +245,7 @@ def run(args) -> HeadReport:
         rate=None if generated else args.rate,
         queue_size=args.queue_size if dcq else None,
         pool_size=pool_size,
+        memory_size=memory_size,
         optimizer="none" if generated else args.optimizer,
         logits_dtype="float32" if generated else args.logits_dtype,
         num_local=num_local,
