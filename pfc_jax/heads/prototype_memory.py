@@ -11,7 +11,9 @@ prototype each; the prototypes are the classifier weights of a margin softmax (a
 * **Classification.** Each embedding is scored against the memory as it is after this
   step's update: the batch's identities with their new prototypes (refreshed where the
   identity was in memory, enqueued where it was not), every other slot with its stored
-  prototype; its own identity's prototype is the target. With
+  prototype. The target is its own identity's slot, scored (``positive = "all"``,
+  default) against the new prototype itself, or (``"leave_one_out"``) against the
+  prototype of the identity's *other* images in the batch. With
   ``gradient_through_prototypes`` (default) the loss is differentiated through the new
   prototypes too, into every embedding they were made of; otherwise they are constants.
 * **Update.** The new prototypes are written: an identity already in memory keeps its
@@ -27,11 +29,15 @@ comparing them with the slots' labels), so its memory and compute depend on
 other heads' rows. "Oldest" is by the time a prototype was last written (a refresh makes
 it the newest), which is what keeps refreshed prototypes from being dequeued.
 
-Where the paper's text leaves a choice, this module takes one and says so: the new
-prototype includes the image being classified (the mean of all ``K`` embeddings of its
-identity); empty slots of a memory not yet full are masked out of the softmax rather
-than filled with random vectors; with gradient accumulation, prototypes are made of one
-micro-batch's embeddings (an identity's ``K`` images are always in one micro-batch).
+Where the paper's text leaves a choice, this module takes one and says so: the prototype
+written is the mean of all ``K`` embeddings of the identity, and by default an
+embedding's target is that prototype, the embedding itself included. That target is easy
+(``cos(x, normalize(x + y)) >= 0.7`` for ``K = 2`` whenever ``x`` and ``y`` are less
+than 90 degrees apart), so ``leave_one_out`` is offered; the README's quality study
+measures both (the default gives the higher TAR at low FAR); empty slots of a memory not yet
+full are masked out of the softmax rather than filled with random vectors; with gradient
+accumulation, prototypes are made of one micro-batch's embeddings (an identity's ``K``
+images are always in one micro-batch).
 The paper's doppelganger mining (batches built from identities the memory finds
 similar) is not built; see the README.
 """
@@ -228,7 +234,8 @@ class PrototypeMemory:
 
 def memory_size(config, num_classes: int) -> int:
     """M: ``head.prototype_memory.memory_size``, or ``ceil(memory_fraction * num_classes)``
-    but at least two steps' identities (``2 * global_batch_size``)."""
+    but at least two steps' images (``2 * global_batch_size``), so a full memory always
+    keeps some identities of earlier steps."""
     f = config.head.prototype_memory
     if f.memory_size:
         return int(f.memory_size)
