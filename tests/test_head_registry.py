@@ -85,7 +85,7 @@ def test_validation_reads_the_registry(registered):
         validate(c, num_devices=8)
     c = _config()
     c.head.name = "nope"
-    with pytest.raises(ConfigError, match="head.name = 'nope': must be one of partial_fc, dcq, f2c, dense_test"):
+    with pytest.raises(ConfigError, match="head.name = 'nope': must be one of partial_fc, dcq, f2c, prototype_memory, dense_test"):
         validate(c, num_devices=8)
 
 
