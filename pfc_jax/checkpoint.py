@@ -109,12 +109,22 @@ def _hint(path: str) -> str:
     return "the model (config.model.*)"
 
 
+def _cause_first(paths) -> list[str]:
+    """``paths`` in a fixed order: the backbone's optimizer, the model, the EMA, then the
+    head (a changed optimizer changes the head's optimizer rows too: the cause is named),
+    each in signature order; never the order of a set, which changes from run to run."""
+    rank = lambda path: (
+        0 if path.startswith(f"{TRAIN}['opt_state']") else 2 if path.startswith(f"{TRAIN}['head']") else 1
+    )
+    return sorted(paths, key=rank)
+
+
 def _first_difference(saved: list, here: list) -> str | None:
     """Where two state signatures first differ, in words; None when equal."""
     saved_by, here_by = {p: (s, d) for p, s, d in saved}, {p: (s, d) for p, s, d in here}
-    for path in here_by.keys() - saved_by.keys():
+    for path in _cause_first(p for p, _, _ in here if p not in saved_by)[:1]:
         return f"{path} is in this run's state but not in the checkpoint ({_hint(path)} differs)"
-    for path in saved_by.keys() - here_by.keys():
+    for path in _cause_first(p for p, _, _ in saved if p not in here_by)[:1]:
         return f"{path} is in the checkpoint but not in this run's state ({_hint(path)} differs)"
     for path, (shape, dtype) in here_by.items():
         if list(saved_by[path][0]) != list(shape) or saved_by[path][1] != dtype:

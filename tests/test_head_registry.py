@@ -85,7 +85,8 @@ def test_validation_reads_the_registry(registered):
         validate(c, num_devices=8)
     c = _config()
     c.head.name = "nope"
-    with pytest.raises(ConfigError, match="head.name = 'nope': must be one of partial_fc, dcq, f2c, prototype_memory, dense_test"):
+    heads_listed = "partial_fc, dcq, f2c, prototype_memory, dense_test"
+    with pytest.raises(ConfigError, match=f"head.name = 'nope': must be one of {heads_listed}"):
         validate(c, num_devices=8)
 
 
