@@ -201,8 +201,8 @@ class PrototypeMemory:
             # Accuracy: the own prototype's cosine is the largest.
             cos = jax.lax.stop_gradient(cos)
             best = jax.lax.pmax(jnp.max(jnp.where(used[None, :] & ~is_target, cos, -jnp.inf), axis=1), _AXIS)
-            own = jax.lax.psum(jnp.sum(jnp.where(is_target, cos, 0.0), axis=1), _AXIS)
-            return loss, {"accuracy": jnp.mean((own > best).astype(jnp.float32))}
+            target_cos = jax.lax.psum(jnp.sum(jnp.where(is_target, cos, 0.0), axis=1), _AXIS)
+            return loss, {"accuracy": jnp.mean((target_cos > best).astype(jnp.float32))}
 
         return jax.shard_map(
             per_shard,
