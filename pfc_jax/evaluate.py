@@ -2,7 +2,7 @@
 
     python -m pfc_jax.evaluate --workdir /runs/r50 --bin /data/ms1m/lfw.bin /data/ms1m/cfp_fp.bin
     python -m pfc_jax.evaluate --workdir /runs/r50 --step 20000 --ijb /data/IJBC --ijb-target IJBC \\
-        --cache-dir /tmp/ijbc_feats --json
+        --cache-dir /tmp/ijbc_feats --save-scores /tmp/ijbc_r50_scores.csv --json
     python -m pfc_jax.evaluate --workdir /tmp/pfc_demo --bin synthetic
 
 ``--bin synthetic`` evaluates on held-out identities of the synthetic world the run was
@@ -38,6 +38,26 @@ def _parser():
     p.add_argument("--ijb-target", choices=("IJBB", "IJBC"), default="IJBC")
     p.add_argument("--no-detector-score", action="store_true", help="IJB: don't weight features by detection score")
     p.add_argument("--cache-dir", default=None, help="IJB: keep extracted features here; a rerun resumes")
+    p.add_argument(
+        "--warp",
+        choices=("opencv", "exact"),
+        default="opencv",
+        help="IJB alignment: opencv = OpenCV 3.x/4.x warpAffine, byte for byte (the published pipeline); "
+        "exact = float64 bilinear, rounded (OpenCV 5.x)",
+    )
+    p.add_argument(
+        "--tar-readout",
+        choices=("corners", "full"),
+        default="corners",
+        help="IJB: read TAR@FAR among the ROC's corners (scikit-learn's roc_curve, as the published "
+        "tables) or among all its points",
+    )
+    p.add_argument(
+        "--save-scores",
+        default=None,
+        metavar="FILE",
+        help="IJB: write each template pair's label and score to FILE (.npy structured array or .csv)",
+    )
     p.add_argument("--batch-size", type=cli.positive_int, default=256, help="images per forward over all devices")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
@@ -68,8 +88,12 @@ def run(args) -> dict:
 
     if not args.bin and not args.ijb:
         raise InputError("nothing to evaluate (give --bin NAME... and/or --ijb DIR)")
+    if args.save_scores and not args.ijb:
+        raise InputError("--save-scores writes IJB pair scores: give --ijb DIR too")
     workdir = pathlib.Path(args.workdir)
     protocol = ijb.IJBProtocol.load(args.ijb, args.ijb_target) if args.ijb else None  # fail before loading
+    if args.save_scores:
+        ijb.check_scores_path(args.save_scores)
     embedder = Embedder.from_workdir(workdir, args.step, encoder=args.encoder, batch_size=args.batch_size, log=_log)
     sets = []
     if args.bin:
@@ -92,20 +116,29 @@ def run(args) -> dict:
             bar.close()  # ends an unfinished line, so an error starts a line of its own
         out["bins"][s.name] = {"pairs": int(len(s.issame)), **result.to_dict()}
     if protocol is not None:
+        model = {"workdir": str(workdir.absolute()), "step": embedder.step, "encoder": embedder.encoder}
         features = ijb.extract_features(
             protocol,
             embedder.embed_batches,
             batch_size=embedder.batch_size,
             image_size=embedder.image_size,
+            warp=args.warp,
+            model=model,
             cache_dir=args.cache_dir,
         )
-        tar = ijb.evaluate(protocol, features, detector_score=not args.no_detector_score)
+        scores = ijb.protocol_scores(protocol, features, detector_score=not args.no_detector_score)
+        tar = ijb.tar_at_far(scores, protocol.labels, readout=args.tar_readout)
+        if args.save_scores:
+            ijb.save_scores(args.save_scores, protocol, scores)
         out["ijb"] = {
             "target": args.ijb_target,
             "images": len(protocol.images),
             "templates": int(len(set(protocol.templates.tolist()))),
             "pairs": int(len(protocol.pairs)),
+            "warp": args.warp,
+            "tar_readout": args.tar_readout,
             "tar_at_far": {f"{far:.0e}": v for far, v in tar.items()},
+            **({"scores": str(pathlib.Path(args.save_scores).absolute())} if args.save_scores else {}),
         }
     return out
 
@@ -124,8 +157,9 @@ def format_table(out: dict) -> str:
             f"{j['target']} 1:1 verification: {j['images']:,} images, {j['templates']:,} templates, "
             f"{j['pairs']:,} pairs"
         )
-        lines.append("TAR @ FAR  " + "".join(f"{f:>9}" for f in fars))
-        lines.append("           " + "".join(f"{j['tar_at_far'][f] * 100:>8.2f}%" for f in fars))
+        lines.append(f"TAR @ FAR ({j['tar_readout']} of the ROC, {j['warp']} warp)")
+        lines.append("FAR        " + "".join(f"{f:>9}" for f in fars))
+        lines.append("TAR        " + "".join(f"{j['tar_at_far'][f] * 100:>8.2f}%" for f in fars))
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from pfc_jax import evaluate
 from pfc_jax.data import synth
 from pfc_jax.data.synthetic import SyntheticIdentities
-from pfc_jax.evaluation import ijb, verification
+from pfc_jax.evaluation import ijb, verification, warp
 from tests import recipes
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -266,6 +266,80 @@ def test_alignment_undoes_a_similarity():
     assert np.abs(shifted[inner] - face[inner]).mean() > 8.0
 
 
+def exact_bilinear(image, m, size):
+    """float64 [size, size, C]: OpenCV's warp written out plainly, without any rounding.
+
+    Output pixel (x, y) reads the input at inverse(m) (x, y), pixel centers at integers
+    (OpenCV's ``warpAffine``); the four neighbours are weighted bilinearly and a neighbour
+    outside the image is the border value 0 (OpenCV's BORDER_CONSTANT: ``iii|abcdefgh|iii``).
+    """
+    full = np.linalg.inv(np.vstack([m, [0, 0, 1]]))
+    h, w = image.shape[:2]
+    out = np.zeros((size, size, image.shape[2]))
+    for y in range(size):
+        for x in range(size):
+            sx, sy, _ = full @ [x, y, 1.0]
+            x0, y0 = int(np.floor(sx)), int(np.floor(sy))
+            for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+                px, py = x0 + dx, y0 + dy
+                weight = (1 - abs(sx - px)) * (1 - abs(sy - py))
+                if 0 <= px < w and 0 <= py < h:
+                    out[y, x] += weight * image[py, px]
+    return out
+
+
+def straddles_the_edge(m, shape, size):
+    """bool [size, size]: output pixels whose four input neighbours lie partly outside the image."""
+    full = np.linalg.inv(np.vstack([m, [0, 0, 1]]))
+    ys, xs = np.mgrid[0:size, 0:size]
+    sx, sy, _ = np.tensordot(full, np.stack([xs, ys, np.ones_like(xs)]), axes=1)
+    x0, y0 = np.floor(sx), np.floor(sy)
+    inside = [
+        (0 <= x0 + dx) & (x0 + dx < shape[1]) & (0 <= y0 + dy) & (y0 + dy < shape[0]) for dx in (0, 1) for dy in (0, 1)
+    ]
+    return np.any(inside, axis=0) & ~np.all(inside, axis=0)
+
+
+def test_warp_is_unbiased_against_an_exact_bilinear_warp():
+    # A smooth face-like image (bilinear interpolation's own error is then small) with a
+    # frame that runs past its top-left corner, as loose IJB crops often do.
+    rng = np.random.default_rng(4)
+    coarse = rng.integers(0, 256, (9, 8, 3), dtype=np.uint8)
+    image = np.asarray(Image.fromarray(coarse).resize((70, 80), Image.BICUBIC))
+    m = _similarity(0.62, 0.35, 6.0, -9.0)
+    reference = exact_bilinear(image, m, 48)
+    edge = straddles_the_edge(m, image.shape, 48)
+    assert edge.sum() > 20 and (reference.sum(axis=2) == 0).sum() > 20  # a blended band and black beyond
+    # opencv: the source coordinate sits on a 1/32-pixel grid (off by <= 1/64 on each axis),
+    # so a value may be off by that much of the local slope: a few grey levels on the smooth
+    # inside, up to 255/32 on the edge band, where the image drops to the zero border.
+    for method, inside, on_edge in (("opencv", 1.5, 0.5 + 255 / 32), ("exact", 0.5 + 1e-9, 0.5 + 1e-9)):
+        out = warp.warp_affine(image, m, 48, method).astype(float)
+        error = out - reference
+        assert abs(error.mean()) < 0.05, method  # rounds: a truncating warp is ~0.5 darker
+        assert np.abs(error[~edge]).max() <= inside, method
+        assert np.abs(error[edge]).max() <= on_edge, method  # blended with 0, not repeated or cut
+    assert (np.floor(reference) - reference).mean() < -0.3  # truncation: what the mean check catches
+
+
+def test_warp_equals_opencv_byte_for_byte():
+    # OpenCV's own output (tests/fixtures/opencv_warps.py): 4.x byte for byte, 5.x to within 1.
+    ref = np.load(ROOT / "tests" / "fixtures" / "opencv_warps.npz")
+    image, size = ref["image"], ref["warped_opencv4"].shape[1]
+    ours = np.stack([warp.warp_affine(image, m, size, "opencv") for m in ref["matrices"]])
+    np.testing.assert_array_equal(ours, ref["warped_opencv4"])
+    exact = np.stack([warp.warp_affine(image, m, size, "exact") for m in ref["matrices"]])
+    difference = np.abs(exact.astype(int) - ref["warped_opencv5"])
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+    assert (ours != ref["warped_opencv5"]).mean() > 0.05  # the two OpenCV generations really differ
+    # One channel warps as each channel of three.
+    np.testing.assert_array_equal(warp.warp_affine(image[..., 1], ref["matrices"][1], size), ours[1][..., 1])
+    with pytest.raises(ValueError, match="uint8"):
+        warp.warp_affine(image.astype(np.float32), ref["matrices"][0], size)
+    with pytest.raises(ValueError, match="warp must be one of"):
+        warp.warp_affine(image, ref["matrices"][0], size, "pillow")
+
+
 def make_ijb(root, target="IJBC", identities=6, images=4, size=112):
     """A miniature IJB release: per identity two templates of two crops each."""
     world = SyntheticIdentities(identities, images, image_size=size, seed=11, first_identity=500)
@@ -320,11 +394,32 @@ def test_template_pooling_matches_a_plain_computation(tmp_path):
 def test_tar_at_far_picks_the_nearest_roc_point():
     scores = np.array([0.9, 0.8, 0.3, 0.85, 0.2, 0.1, 0.05])
     labels = np.array([1, 1, 1, 0, 0, 0, 0], bool)
-    tar = ijb.tar_at_far(scores, labels, fars=(1e-6, 0.25, 0.5, 1.0))
+    tar = ijb.tar_at_far(scores, labels, fars=(1e-6, 0.25, 0.5, 1.0), readout="full")
     # FAR 0.25 from 0.85 (TAR 1/3) down to 0.3 (TAR 1): the highest TAR of those points.
     # FAR 1e-6 is nearest to FAR 0: above 0.85, TAR 1/3.
     assert tar == {1e-6: pytest.approx(1 / 3), 0.25: 1.0, 0.5: 1.0, 1.0: 1.0}
-    assert ijb.tar_at_far(scores, labels, fars=(0.3,))[0.3] == 1.0  # nearest: 0.25, not 0.5
+    assert ijb.tar_at_far(scores, labels, fars=(0.3,), readout="full")[0.3] == 1.0  # nearest: 0.25, not 0.5
+
+
+def test_tar_readout_on_a_horizontal_run():
+    # Descending: genuine, three impostors, two genuine, one impostor (3 genuine, 4 impostor).
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
+    labels = np.array([1, 0, 0, 0, 1, 1, 0], bool)
+    fpr, tpr = ijb.roc(scores, labels, "full")
+    np.testing.assert_array_equal(fpr, [0, 0, 0.25, 0.5, 0.75, 0.75, 0.75, 1])
+    np.testing.assert_allclose(tpr, [0, 1 / 3, 1 / 3, 1 / 3, 1 / 3, 2 / 3, 1, 1])
+    # Corners: the run at TAR 1/3 keeps its ends only, the vertical run at FAR 0.75 too.
+    fpr, tpr = ijb.roc(scores, labels, "corners")
+    np.testing.assert_array_equal(fpr, [0, 0, 0.75, 0.75, 1])
+    np.testing.assert_allclose(tpr, [0, 1 / 3, 1 / 3, 1, 1])
+    fars = (0.25, 0.375, 0.5)
+    # Full: FAR 0.25 and 0.5 are points of the run (TAR 1/3); 0.375 is as near to 0.25 as to 0.5.
+    assert ijb.tar_at_far(scores, labels, fars, "full") == pytest.approx({0.25: 1 / 3, 0.375: 1 / 3, 0.5: 1 / 3})
+    # Corners: 0.25 is nearer FAR 0 than 0.75 (TAR 1/3); 0.5 is nearer 0.75 (TAR 1); 0.375 is
+    # as near to both, and the published readout takes the higher TAR.
+    assert ijb.tar_at_far(scores, labels, fars) == pytest.approx({0.25: 1 / 3, 0.375: 1.0, 0.5: 1.0})
+    with pytest.raises(ijb.IJBError, match="readout must be one of"):
+        ijb.tar_at_far(scores, labels, fars, "sklearn")
 
 
 def test_ijb_layout_errors(tmp_path):
@@ -458,18 +553,34 @@ def test_evaluate_cli_on_ijb_resumes_from_its_cache(trained, tmp_path, capsys):
         "8",
         "--json",
     ]
-    code, stdout, stderr = _evaluate(capsys, *cmd)
+    code, stdout, stderr = _evaluate(capsys, *cmd, "--save-scores", str(tmp_path / "scores.csv"))
     assert code == 0, stderr[-3000:]
     table = json.loads(stdout)["ijb"]
     assert table["images"] == 24 and table["templates"] == 12 and table["pairs"] == 66
+    assert table["warp"] == "opencv" and table["tar_readout"] == "corners"
     assert list(table["tar_at_far"]) == ["1e-06", "1e-05", "1e-04", "1e-03", "1e-02", "1e-01"]
     assert all(0.0 <= v <= 1.0 for v in table["tar_at_far"].values())
+    # The saved scores reproduce the table, pair for pair in the protocol's order.
+    protocol = ijb.IJBProtocol.load(tmp_path / "IJBC", "IJBC")
+    saved = np.loadtxt(tmp_path / "scores.csv", delimiter=",", skiprows=1)
+    np.testing.assert_array_equal(saved[:, :2], protocol.pairs)
+    np.testing.assert_array_equal(saved[:, 2], protocol.labels)
+    tar = ijb.tar_at_far(saved[:, 3], saved[:, 2] == 1)
+    assert {f"{far:.0e}": v for far, v in tar.items()} == table["tar_at_far"]
     # A rerun reads every feature from the cache: the crops are no longer needed.
     for f in (tmp_path / "IJBC" / "loose_crop").iterdir():
         f.unlink()
-    code, stdout, stderr = _evaluate(capsys, *cmd)
+    code, stdout, stderr = _evaluate(capsys, *cmd, "--save-scores", str(tmp_path / "scores.npy"))
     assert code == 0, stderr[-3000:]
-    assert json.loads(stdout)["ijb"] == table
+    rerun = json.loads(stdout)["ijb"]
+    assert rerun.pop("scores") == str(tmp_path / "scores.npy") and table.pop("scores") == str(tmp_path / "scores.csv")
+    assert rerun == table
+    as_npy = np.load(tmp_path / "scores.npy")
+    assert as_npy.dtype.names == ("template_1", "template_2", "label", "score")
+    np.testing.assert_array_equal(as_npy["score"], saved[:, 3])  # the .csv's 17 digits read back exactly
+    # The cache holds opencv-warped features: it refuses to resume with another warp.
+    code, _, stderr = _evaluate(capsys, *cmd, "--warp", "exact")
+    assert code == 2 and "warp: 'opencv' there, 'exact' now" in stderr, stderr[-2000:]
 
 
 def test_evaluate_cli_errors(trained, tmp_path, capsys):
@@ -481,6 +592,7 @@ def test_evaluate_cli_errors(trained, tmp_path, capsys):
         (["--workdir", str(workdir), "--bin", str(tmp_path / "lfw.bin")], "lfw.bin does not exist"),
         (["--workdir", str(workdir), "--bin", "lfw"], "lfw.bin does not exist"),  # <data.path>/lfw.bin
         (["--workdir", str(workdir), "--ijb", str(tmp_path)], "loose_crop is missing"),
+        (["--workdir", str(workdir), "--bin", "synthetic", "--save-scores", "s.csv"], "give --ijb DIR too"),
     ]:
         code, _, stderr = _evaluate(capsys, *args)
         assert code == 2 and message in stderr, (args, stderr[-2000:])

@@ -11,16 +11,23 @@ with ``<t>`` = ``ijbb`` or ``ijbc``. The protocol follows the field's evaluation
 (insightface's ``eval_ijbc``, test mode N1D1F1):
 
 * each crop is aligned to the 112x112 ArcFace template by the least-squares similarity
-  transform of its five landmarks;
+  transform of its five landmarks, warped as OpenCV's ``warpAffine`` does (bilinear,
+  rounded, constant zero border; see :mod:`pfc_jax.evaluation.warp`);
 * image feature = f(image) + f(flipped image), kept un-normalized (its norm acts as a
   quality weight) and, with ``detector_score``, multiplied by the detection score;
 * template feature = sum over the template's media of the mean feature of that media's
   images, then L2-normalized; pair score = cosine of the two templates;
-* TAR at FAR in {1e-6, ..., 1e-1}: on the full ROC (one point per distinct score), the
-  point whose FAR is nearest to the target (the highest TAR among equally near points).
+* TAR at FAR in {1e-6, ..., 1e-1}: the ROC point whose FAR is nearest to the target, the
+  highest TAR among equally near points. ``readout="corners"`` (the default, and what
+  the published tables use: scikit-learn's ``roc_curve`` with its default
+  ``drop_intermediate=True``) reads it among the ROC's corners only: a point collinear
+  with its two neighbours at equal steps (inside a horizontal, vertical or diagonal run)
+  is dropped, so a target FAR inside a run reads the run's nearer end.
+  ``readout="full"`` reads it among every point (one per distinct score).
 
-Feature extraction writes ``features.npy`` to ``cache_dir`` in chunks and resumes from
-what is there, so an interrupted run of the ~470K IJB-C crops does not start again.
+Feature extraction writes the features to ``cache_dir`` in chunks and resumes from what
+is there, so an interrupted run of the ~470K IJB-C crops does not start again; the cache
+records the set, the warp and the model, and refuses to mix features of another.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pfc_jax.errors import InputError
+from pfc_jax.evaluation.warp import WARPS, warp_affine
 from pfc_jax.progress import Progress
 
 # Where the five landmarks (eyes, nose tip, mouth corners) of an aligned 112x112 face lie.
@@ -43,6 +51,7 @@ ARCFACE_TEMPLATE = np.array(
 )
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 TARGETS = ("IJBB", "IJBC")
+READOUTS = ("corners", "full")
 
 
 class IJBError(InputError):
@@ -67,17 +76,11 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.concatenate([rot, (mu_d - rot @ mu_s)[:, None]], axis=1)
 
 
-def align(image, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
-    """uint8 [size, size, 3]: ``image`` (PIL, RGB) warped so ``landmarks`` land on the template."""
-    from PIL import Image
-
-    m = np.vstack([similarity_transform(landmarks, ARCFACE_TEMPLATE * (size / 112.0)), [0, 0, 1]])
-    # PIL samples the input at inverse(M) of each output pixel, with pixel centers at +0.5.
-    shift = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
-    unshift = np.array([[1, 0, -0.5], [0, 1, -0.5], [0, 0, 1]])
-    inverse = np.linalg.inv(shift @ m @ unshift)
-    out = image.transform((size, size), Image.AFFINE, data=tuple(inverse[:2].ravel()), resample=Image.BILINEAR)
-    return np.asarray(out, np.uint8)
+def align(image, landmarks: np.ndarray, size: int = 112, warp: str = "opencv") -> np.ndarray:
+    """uint8 [size, size, 3]: ``image`` (uint8 [H, W, 3] or a PIL image) warped so ``landmarks``
+    land on the template; ``warp`` picks the interpolation (:data:`pfc_jax.evaluation.warp.WARPS`)."""
+    m = similarity_transform(landmarks, ARCFACE_TEMPLATE * (size / 112.0))
+    return warp_affine(np.asarray(image, np.uint8), m, size, warp)
 
 
 @dataclasses.dataclass
@@ -152,22 +155,29 @@ def extract_features(
     *,
     batch_size: int,
     image_size: int = 112,
+    warp: str = "opencv",
+    model: dict | None = None,
     cache_dir: str | pathlib.Path | None = None,
     progress: bool = True,
 ) -> np.ndarray:
     """Flip-summed features [N, D] of every crop, aligned; resumable through ``cache_dir``.
 
     ``embed_batches(iterable of uint8 [n, S, S, 3], flip=True)`` yields [n, D] (an
-    :meth:`~pfc_jax.inference.Embedder.embed_batches`).
+    :meth:`~pfc_jax.inference.Embedder.embed_batches`). ``model`` (JSON-able: which
+    checkpoint embeds) is recorded in the cache with the set, the warp and the image size,
+    so a cache is never resumed with features of another model or alignment.
     """
     from PIL import Image
 
+    if warp not in WARPS:
+        raise IJBError(f"warp must be one of {WARPS}, got {warp!r}")
     n = len(protocol.images)
     done, chunks = 0, []
     cache = pathlib.Path(cache_dir) if cache_dir else None
+    fingerprint = _fingerprint(protocol, warp=warp, image_size=image_size, model=model)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-        done, chunks = _load_cache(cache, protocol)
+        done, chunks = _load_cache(cache, fingerprint)
     bar = Progress(n, "IJB features", enabled=progress)
     bar.update(done)
 
@@ -178,48 +188,58 @@ def extract_features(
                 path = protocol.root / "loose_crop" / protocol.images[i]
                 try:
                     with Image.open(path) as im:
-                        out.append(align(im.convert("RGB"), protocol.landmarks[i], image_size))
+                        rgb = np.asarray(im.convert("RGB"))
                 except OSError as e:
                     raise IJBError(f"cannot read {path}: {e}") from None
+                out.append(align(rgb, protocol.landmarks[i], image_size, warp))
             yield np.stack(out)
 
     for feats in embed_batches(batches(), flip=True):
         chunks.append(np.asarray(feats, np.float32))
         bar.update(len(feats))
         if cache is not None:
-            _save_chunk(cache, len(chunks) - 1, chunks[-1], protocol)
+            _save_chunk(cache, len(chunks) - 1, chunks[-1], fingerprint)
     bar.close()
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
-def _fingerprint(protocol: IJBProtocol) -> dict:
+def _fingerprint(protocol: IJBProtocol, **extraction) -> dict:
     return {
         "root": str(protocol.root.absolute()),
         "images": len(protocol.images),
         "first": protocol.images[0],
         "last": protocol.images[-1],
+        **json.loads(json.dumps(extraction)),  # as it reads back from info.json
     }
 
 
-def _load_cache(cache: pathlib.Path, protocol: IJBProtocol):
+def _load_cache(cache: pathlib.Path, fingerprint: dict):
     info_path = cache / "info.json"
     if not info_path.exists():
         return 0, []
     info = json.loads(info_path.read_text())
-    if info.get("protocol") != _fingerprint(protocol):
-        raise IJBError(f"{cache} holds features of another IJB set; use another --cache_dir or delete it")
+    cached = info.get("protocol", {})
+    if cached != fingerprint:
+        differ = ", ".join(
+            f"{k}: {cached.get(k, '(not recorded)')!r} there, {fingerprint.get(k)!r} now"
+            for k in sorted(set(cached) | set(fingerprint))
+            if cached.get(k) != fingerprint.get(k)
+        )
+        raise IJBError(
+            f"{cache} holds IJB features extracted differently ({differ}); use another --cache-dir or delete it"
+        )
     chunks = [np.load(cache / f"chunk_{i:06d}.npy") for i in range(info["chunks"])]
     return sum(len(c) for c in chunks), chunks
 
 
-def _save_chunk(cache: pathlib.Path, index: int, feats: np.ndarray, protocol: IJBProtocol) -> None:
+def _save_chunk(cache: pathlib.Path, index: int, feats: np.ndarray, fingerprint: dict) -> None:
     # The chunk first, then the index that counts it: a crash between the two loses one chunk only.
     tmp = cache / f"chunk_{index:06d}.npy.tmp"
     with open(tmp, "wb") as f:
         np.save(f, feats)
     os.replace(tmp, cache / f"chunk_{index:06d}.npy")
     info_tmp = cache / "info.json.tmp"
-    info_tmp.write_text(json.dumps({"protocol": _fingerprint(protocol), "chunks": index + 1}))
+    info_tmp.write_text(json.dumps({"protocol": fingerprint, "chunks": index + 1}))
     os.replace(info_tmp, cache / "info.json")
 
 
@@ -256,29 +276,88 @@ def pair_scores(ids: np.ndarray, feats: np.ndarray, pairs: np.ndarray, chunk: in
     return out
 
 
-def tar_at_far(scores: np.ndarray, labels: np.ndarray, fars=FARS) -> dict[float, float]:
-    """TAR at each target FAR (see the module docstring for the operating point chosen)."""
+def roc(scores: np.ndarray, labels: np.ndarray, readout: str = "corners") -> tuple[np.ndarray, np.ndarray]:
+    """``(fpr, tpr)`` from (0, 0) up, one point per distinct score (``"full"``) or only the
+    corners (``"corners"``: scikit-learn's ``roc_curve(drop_intermediate=True)``)."""
+    if readout not in READOUTS:
+        raise IJBError(f"readout must be one of {READOUTS}, got {readout!r}")
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
     if labels.all() or not labels.any():
         raise IJBError("TAR@FAR needs both genuine and impostor pairs (check the template pair file)")
     order = np.argsort(-scores, kind="stable")
     s, y = scores[order], labels[order]
-    # One ROC point per distinct score: accept every pair scoring >= it.
+    # Accepting every pair scoring >= each distinct score: counts of genuine / impostor pairs.
     last = np.r_[s[1:] != s[:-1], True]
-    tpr = np.cumsum(y)[last] / y.sum()
-    fpr = np.cumsum(~y)[last] / (~y).sum()
-    tpr, fpr = np.r_[0.0, tpr], np.r_[0.0, fpr]
+    tps, fps = np.cumsum(y)[last], np.cumsum(~y)[last]
+    if readout == "corners" and len(tps) > 2:
+        # A point is dropped when both counts change by the same step before and after it.
+        keep = np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True]
+        tps, fps = tps[keep], fps[keep]
+    return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]]
+
+
+def tar_at_far(scores: np.ndarray, labels: np.ndarray, fars=FARS, readout: str = "corners") -> dict[float, float]:
+    """TAR at each target FAR (see the module docstring for the operating point chosen)."""
+    fpr, tpr = roc(scores, labels, readout)
     out = {}
     for far in fars:
         gap = np.abs(fpr - far)
-        nearest = gap == gap.min()
-        out[far] = float(tpr[nearest].max())
+        out[far] = float(tpr[gap == gap.min()].max())
     return out
 
 
+def protocol_scores(
+    protocol: IJBProtocol, features: np.ndarray, *, detector_score: bool = True, norm_score: bool = True
+) -> np.ndarray:
+    """The cosine score of each template pair of ``protocol`` [M], from per-image features."""
+    ids, feats = template_features(features, protocol, detector_score=detector_score, norm_score=norm_score)
+    return pair_scores(ids, feats, protocol.pairs)
+
+
 def evaluate(
-    protocol: IJBProtocol, features: np.ndarray, *, detector_score: bool = True, norm_score: bool = True, fars=FARS
+    protocol: IJBProtocol,
+    features: np.ndarray,
+    *,
+    detector_score: bool = True,
+    norm_score: bool = True,
+    fars=FARS,
+    readout: str = "corners",
 ) -> dict[float, float]:
     """TAR at each FAR from per-image features."""
-    ids, feats = template_features(features, protocol, detector_score=detector_score, norm_score=norm_score)
-    return tar_at_far(pair_scores(ids, feats, protocol.pairs), protocol.labels, fars)
+    pair = protocol_scores(protocol, features, detector_score=detector_score, norm_score=norm_score)
+    return tar_at_far(pair, protocol.labels, fars, readout)
+
+
+def save_scores(path: str | pathlib.Path, protocol: IJBProtocol, values: np.ndarray) -> None:
+    """Per-pair ``template_1, template_2, label, score`` to ``.npy`` (a structured array) or
+    ``.csv`` (with a header; scores with 17 significant digits, so they read back exactly)."""
+    path = pathlib.Path(path)
+    check_scores_path(path)
+    if len(values) != len(protocol.pairs):
+        raise ValueError(f"{len(values)} scores for {len(protocol.pairs)} pairs")
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        if path.suffix == ".npy":
+            fields = [("template_1", "<i8"), ("template_2", "<i8"), ("label", "u1"), ("score", "<f8")]
+            table = np.zeros(len(values), fields)
+            table["template_1"], table["template_2"] = protocol.pairs[:, 0], protocol.pairs[:, 1]
+            table["label"], table["score"] = protocol.labels, values
+            with open(tmp, "wb") as f:
+                np.save(f, table)
+        else:
+            rows = zip(protocol.pairs.tolist(), protocol.labels.tolist(), np.asarray(values, np.float64).tolist())
+            with open(tmp, "w") as f:
+                f.write("template_1,template_2,label,score\n")
+                f.writelines(f"{a},{b},{int(label)},{score:.17g}\n" for (a, b), label, score in rows)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only there when writing failed
+
+
+def check_scores_path(path: str | pathlib.Path) -> None:
+    """Fail before any work when ``save_scores`` could not write ``path``."""
+    path = pathlib.Path(path)
+    if path.suffix not in (".npy", ".csv"):
+        raise IJBError(f"--save-scores {path}: the file must end in .npy or .csv")
+    if not path.parent.is_dir():
+        raise IJBError(f"--save-scores {path}: the folder {path.parent} does not exist")

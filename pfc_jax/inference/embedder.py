@@ -36,7 +36,8 @@ class Embedder:
         statistics, no dropout).
       batch_size: images per forward; rounded up to a multiple of the device count.
       spec: the backbone's description (name, embedding size, image size) and
-      step: the checkpoint's step, when built with :meth:`from_workdir`.
+      step, encoder: the checkpoint's step and which of its backbones (``"online"`` or
+        ``"ema"``), when built with :meth:`from_workdir`.
     """
 
     model: nnx.Module
@@ -44,6 +45,7 @@ class Embedder:
     mesh: jax.sharding.Mesh | None = None
     spec: ModelSpec | None = None
     step: int | None = None
+    encoder: str | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -95,8 +97,8 @@ class Embedder:
         ``log`` gets a line once the step is known, before it is read."""
         from pfc_jax import checkpoint
 
-        model, spec, step, _ = checkpoint.load_backbone(workdir, step, encoder=encoder, log=log)
-        return cls(model, spec=spec, step=step, **kw)
+        model, spec, step, encoder = checkpoint.load_backbone(workdir, step, encoder=encoder, log=log)
+        return cls(model, spec=spec, step=step, encoder=encoder, **kw)
 
     @property
     def image_size(self) -> int | None:
