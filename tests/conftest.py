@@ -7,4 +7,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
+import pfc_jax  # noqa: E402, F401 - adds the package's XLA options before JAX starts, as for users
+
 jax.config.update("jax_default_matmul_precision", "highest")
