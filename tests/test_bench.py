@@ -9,6 +9,15 @@ import sys
 
 import pytest
 
+from pfc_jax import xla_defaults
+
+
+def bench_env():
+    # The bench fakes its own CPU devices; drop the 8 that conftest asked for.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    xla_defaults.apply(env)  # what the bench's own import of pfc_jax does
+    return {**env, "JAX_PLATFORMS": "cpu"}
+
 
 def run_bench(*args):
     return subprocess.run(
@@ -17,8 +26,7 @@ def run_bench(*args):
         text=True,
         timeout=300,
         cwd=pathlib.Path(__file__).parents[1],
-        # The bench fakes its own CPU devices; drop the 8 that conftest asked for.
-        env={**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"},
+        env=bench_env(),
     )
 
 
@@ -140,6 +148,10 @@ def test_train_json_reports_full_step_and_backbone_alone():
     assert r["backbone"] == "mobilefacenet_narrow" and r["batch"] == 16 and r["rate"] == 0.2
     assert r["samples_per_sec"] > 0 and r["backbone_samples_per_sec"] > 0
     assert r["head_overhead"] == pytest.approx(r["ms_per_step"] / r["backbone_ms_per_step"] - 1)
+    assert r["backbone_share"] == pytest.approx(r["backbone_ms_per_step"] / r["ms_per_step"])
+    assert r["cores"] >= 1 and 0 < r["cores_used"] <= 1.1 * r["cores"]
+    assert 0 < r["backbone_cores_used"] <= 1.1 * r["cores"]
+    assert r["xla_options"] == " ".join(xla_defaults.in_effect(bench_env()))
     assert r["compiled_total_bytes"] > 0
 
 
@@ -173,3 +185,39 @@ def test_data_removes_its_temporary_dataset_on_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="pipeline failed"):
         data.run(args)
     assert not made.exists()
+
+
+def test_conv_covers_every_convolution_of_the_network():
+    import collections
+
+    from flax import nnx
+
+    from pfc_jax import models
+    from pfc_jax.bench.conv import iresnet_convolutions
+    from pfc_jax.models.iresnet import IRESNET_LAYERS
+
+    for depth in (18, 50):
+        net = nnx.eval_shape(lambda d=depth: models.create(f"iresnet{d}", embedding_dim=8))
+        in_net = collections.Counter(
+            (m.kernel_size[0], m.in_features, m.out_features, m.strides[0])
+            for _, m in nnx.iter_modules(net)
+            if isinstance(m, nnx.Conv)
+        )
+        benched = collections.Counter()
+        for c in iresnet_convolutions(IRESNET_LAYERS[depth]):
+            benched[c["kernel"], c["cin"], c["cout"], c["stride"]] += c["count"]
+        assert benched == in_net
+
+
+def test_conv_json_times_three_passes_per_convolution():
+    out = run_bench("conv", "--batch", "1", "--size", "16", "--steps", "1", "--warmup", "0", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout)
+    assert r["benchmark"] == "conv" and r["depth"] == 18 and len(r["layers"]) == 17
+    assert sum(c["count"] for c in r["layers"]) == 21  # iResNet-18: stem + 4 x (2 blocks x 2 + shortcut)
+    for p in ("forward", "input_grad", "weight_grad"):
+        assert all(c[p]["ms"] > 0 and c[p]["gflops"] > 0 for c in r["layers"])
+        assert r["total_ms"][p] == pytest.approx(sum(c[p]["ms"] * c["count"] for c in r["layers"]))
+    assert r["xla_options"] == " ".join(xla_defaults.in_effect(bench_env()))
+    bad = run_bench("conv", "--depth", "19")
+    assert bad.returncode == 2 and "iResNet depths are 18, 34, 50, 100, 200" in bad.stderr

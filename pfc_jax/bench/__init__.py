@@ -2,11 +2,13 @@
 
     python -m pfc_jax.bench head --classes 1000000 --batch 256 --dim 512 --rate 0.1
     python -m pfc_jax.bench train --config configs/synthetic.py
+    python -m pfc_jax.bench conv --depth 18 --batch 32
     python -m pfc_jax.bench data --source rec:/data/ms1m-retinaface-t1 --workers 4
 
 ``head`` (:mod:`pfc_jax.bench.head`) times one whole Partial FC head step; ``train``
 (:mod:`pfc_jax.bench.train`) the trainer's own step built from a recipe, and the
-backbone's part of it alone; ``data`` (:mod:`pfc_jax.bench.data`) the input pipeline.
+backbone's part of it alone; ``conv`` (:mod:`pfc_jax.bench.conv`) each convolution of an
+iResNet alone, forward and both gradients; ``data`` (:mod:`pfc_jax.bench.data`) the input pipeline.
 Each prints a table, or one JSON object with ``--json``.
 """
 
@@ -20,9 +22,9 @@ from pfc_jax import cli
 def _modules():
     """name -> its module: ``add_arguments(parser)``, ``run(args) -> Report``, and a
     docstring whose first line is the sub-command's help."""
-    from pfc_jax.bench import data, head, train
+    from pfc_jax.bench import conv, data, head, train
 
-    return {"head": head, "train": train, "data": data}
+    return {"head": head, "train": train, "conv": conv, "data": data}
 
 
 def _parser():

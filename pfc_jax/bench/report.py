@@ -78,19 +78,32 @@ def compiled_bytes(memory, prefix: str = "") -> dict:
     return {f"{prefix}compiled_temp_bytes": memory.temp_size_in_bytes, f"{prefix}compiled_total_bytes": total}
 
 
-def time_steps(fn, state, args_of_step, *, warmup: int, steps: int):
+def time_steps(fn, state, args_of_step, *, warmup: int, steps: int, cpu_ms: list | None = None):
     """Runs ``state, *out = fn(state, *args_of_step(i))`` for warmup + steps steps.
-    Returns (state, the outputs of every step, milliseconds of each timed step)."""
+    Returns (state, the outputs of every step, milliseconds of each timed step); with
+    ``cpu_ms``, appends to it the CPU time the process spent (all its threads) in each."""
     import jax
 
     times, outputs = [], []
     for i in range(warmup + steps):
         args = args_of_step(i)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = fn(state, *args)
         jax.block_until_ready(out)
         state = out[0]
         outputs.append(out[1:])
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
+            if cpu_ms is not None:
+                cpu_ms.append((time.process_time() - cpu_start) * 1e3)
     return state, outputs, times
+
+
+def cores_available() -> int:
+    """The CPU cores this process may run on."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

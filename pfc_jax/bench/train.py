@@ -17,7 +17,15 @@ import dataclasses
 import statistics
 import time
 
-from pfc_jax.bench.report import Report, compiled_bytes, device_peak_bytes, mib, select_devices, time_steps
+from pfc_jax.bench.report import (
+    Report,
+    compiled_bytes,
+    cores_available,
+    device_peak_bytes,
+    mib,
+    select_devices,
+    time_steps,
+)
 from pfc_jax.errors import InputError
 
 
@@ -40,6 +48,11 @@ class TrainReport(Report):
     backbone_ms_per_step: float
     backbone_samples_per_sec: float
     head_overhead: float  # full / backbone alone - 1
+    backbone_share: float  # backbone alone / full step
+    cores_used: float  # the process's CPU time / wall time over the timed full steps
+    backbone_cores_used: float  # the same over the backbone's steps
+    cores: int  # the host cores the process may use
+    xla_options: str  # XLA_FLAGS entries of pfc_jax.xla_defaults.OPTIONS in effect, "" for none
     compile_s: float
     compiled_temp_bytes: int | None
     compiled_total_bytes: int | None
@@ -68,6 +81,12 @@ class TrainReport(Report):
                 f"{self.backbone_samples_per_sec:,.1f} samples/s ({self.backbone_ms_per_step:.1f} ms/step)",
             ),
             ("head overhead", f"{100 * self.head_overhead:.1f}% (full / backbone = {1 + self.head_overhead:.3f})"),
+            ("backbone share", f"{100 * self.backbone_share:.1f}% of the full step"),
+            (
+                "host cores busy",
+                f"{self.cores_used:.2f} of {self.cores} (full step), {self.backbone_cores_used:.2f} (backbone alone)",
+            ),
+            ("XLA options", self.xla_options or "none of pfc_jax.xla_defaults"),
             (
                 "memory, full step",
                 f"compiled total {mib(self.compiled_total_bytes)}, temporaries {mib(self.compiled_temp_bytes)}, "
@@ -120,7 +139,7 @@ def run(args) -> TrainReport:
     import jax
     import numpy as np
 
-    from pfc_jax import heads, sharding, train
+    from pfc_jax import heads, sharding, train, xla_defaults
     from pfc_jax.config_validation import validate
 
     devices = select_devices(args.devices)
@@ -158,7 +177,10 @@ def run(args) -> TrainReport:
     )
     state = without_head(setup.params, setup.batch_stats, jax.random.key(config.seed))
     backbone = trainer.jit_backbone_step().lower(state, images).compile()
-    state, _, backbone_ms = time_steps(backbone, state, lambda i: (images,), warmup=args.warmup, steps=args.steps)
+    backbone_cpu = []
+    state, _, backbone_ms = time_steps(
+        backbone, state, lambda i: (images,), warmup=args.warmup, steps=args.steps, cpu_ms=backbone_cpu
+    )
     backbone_peak = device_peak_bytes(devices)
     backbone_memory = compiled_bytes(backbone.memory_analysis(), prefix="backbone_")
 
@@ -171,7 +193,10 @@ def run(args) -> TrainReport:
     start = time.perf_counter()
     full = trainer.jit().lower(state, images, labels).compile()
     compile_s = time.perf_counter() - start
-    state, _, full_ms = time_steps(full, state, lambda i: (images, labels), warmup=args.warmup, steps=args.steps)
+    full_cpu = []
+    state, _, full_ms = time_steps(
+        full, state, lambda i: (images, labels), warmup=args.warmup, steps=args.steps, cpu_ms=full_cpu
+    )
 
     full_med, backbone_med = statistics.median(full_ms), statistics.median(backbone_ms)
     return TrainReport(
@@ -192,6 +217,11 @@ def run(args) -> TrainReport:
         backbone_ms_per_step=backbone_med,
         backbone_samples_per_sec=b / backbone_med * 1e3,
         head_overhead=full_med / backbone_med - 1.0,
+        backbone_share=backbone_med / full_med,
+        cores_used=sum(full_cpu) / sum(full_ms),
+        backbone_cores_used=sum(backbone_cpu) / sum(backbone_ms),
+        cores=cores_available(),
+        xla_options=" ".join(xla_defaults.in_effect()),
         compile_s=compile_s,
         **compiled_bytes(full.memory_analysis()),
         peak_bytes=device_peak_bytes(devices),
