@@ -77,3 +77,60 @@ def test_unknown_backbone_and_dropout_errors():
         models.create("resnet9", embedding_dim=8)
     with pytest.raises(ValueError, match="no dropout"):
         models.create("mobilefacenet_narrow", embedding_dim=8, dropout=0.1)
+
+
+@pytest.mark.parametrize("kernel,size", [(3, 12), (3, 9), (1, 12), (1, 7)])
+def test_strided_convolution_equals_the_plain_one_with_its_gradients(kernel, size):
+    """The backbones' conv entry point: the forward is lax's, bit for bit, and the
+    gradients it computes its own way on the CPU agree with autodiff of lax's."""
+    from pfc_jax.models import layers
+
+    kx, kw, kg = jax.random.split(jax.random.key(kernel * 100 + size), 3)
+    x = jax.random.normal(kx, (3, size, size + 2, 5))
+    w = jax.random.normal(kw, (kernel, kernel, 5, 4))
+    pad = ((kernel // 2,) * 2,) * 2
+    dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def ours(x, w):
+        return layers.conv_general_dilated(x, w, (2, 2), pad, dimension_numbers=dims)
+
+    def plain(x, w):
+        return jax.lax.conv_general_dilated(x, w, (2, 2), pad, dimension_numbers=dims)
+
+    y, ours_vjp = jax.vjp(ours, x, w)
+    y_ref, plain_vjp = jax.vjp(plain, x, w)
+    np.testing.assert_array_equal(y, y_ref)
+    g = jax.random.normal(kg, y.shape)
+    for got, want in zip(jax.jit(ours_vjp)(g), jax.jit(plain_vjp)(g)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    # in bfloat16, within its rounding
+    xb, wb, gb = (a.astype(jnp.bfloat16) for a in (x, w, g))
+    for got, want in zip(jax.vjp(ours, xb, wb)[1](gb), jax.vjp(plain, xb, wb)[1](gb)):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(
+            np.float32(got), np.float32(want), atol=0.05 * float(jnp.max(jnp.abs(want.astype(jnp.float32))))
+        )
+
+
+def test_backbone_gradients_do_not_depend_on_the_strided_convolutions_path(monkeypatch):
+    from pfc_jax.models import layers
+
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+
+    def loss_and_grads():
+        model = models.create("iresnet_narrow", embedding_dim=8, image_size=16)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(params):
+            m = nnx.merge(graphdef, params, rest)
+            return jnp.sum(jnp.sin(m(x, train=False)))  # running statistics: nothing to write
+
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    loss, grads = loss_and_grads()
+    monkeypatch.setattr(layers, "_stride2", lambda x, w, k, precision: layers._conv(x, w, 2, k // 2, precision))
+    loss_ref, grads_ref = loss_and_grads()
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * (1 + float(jnp.max(jnp.abs(want)))))
