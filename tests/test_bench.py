@@ -55,6 +55,8 @@ def test_head_json_on_fake_devices():
     assert result["loss_last"] < result["loss_first"]  # fixed batch: the centers learn it
     assert result["centers_and_state_bytes"] == 251 * 16 * 4 * 2  # + SGD momentum
     assert result["compiled_temp_bytes"] > 0
+    assert result["matmul_ms"] > 0  # the step's floor: its three matmuls alone
+    assert result["floor_ratio"] == pytest.approx(result["ms_per_step"] / result["matmul_ms"])
 
 
 def test_dcq_head_json_does_not_grow_with_the_identities():
@@ -70,6 +72,7 @@ def test_dcq_head_json_does_not_grow_with_the_identities():
     assert result["logits_bytes"] == 32 * 25 * 4
     assert abs(result["loss_first"]) < 1e-6 < result["loss_last"]  # the queue starts empty
     assert result["compiled_total_bytes"] < 2**20
+    assert result["matmul_ms"] is None and result["floor_ratio"] is None  # Partial FC's figure
     bad = run_bench("head", "--head", "dcq", "--classes", "10", "--batch", "30", "--queue-size", "8", "--devices", "2")
     assert bad.returncode == 2 and "at least one step's 15 entries" in bad.stderr
 
@@ -221,3 +224,30 @@ def test_conv_json_times_three_passes_per_convolution():
     assert r["xla_options"] == " ".join(xla_defaults.in_effect(bench_env()))
     bad = run_bench("conv", "--depth", "19")
     assert bad.returncode == 2 and "iResNet depths are 18, 34, 50, 100, 200" in bad.stderr
+
+
+def test_head_max_classes_finds_the_largest_step_that_fits():
+    def search(gib):
+        out = run_bench(
+            "head", "--max-classes", "--device-memory", str(gib), "--batch", "32", "--dim", "16",
+            "--devices", "2", "--json",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout)
+
+    small, large = search(0.01), search(0.02)
+    for r in (small, large):
+        assert r["benchmark"] == "capacity" and r["devices"] == 2
+        assert r["state_bytes"] < r["compiled_total_bytes"] <= r["device_memory_bytes"]
+    # the state (centers + momentum) dominates: twice the memory, about twice the identities
+    assert 1.8 < large["max_classes"] / small["max_classes"] < 2.2
+    for args, message in [
+        (["--max-classes"], "--max-classes needs --device-memory GIB"),
+        (["--max-classes", "--device-memory", "1", "--classes", "10"], "drop --classes"),
+        (["--max-classes", "--device-memory", "1", "--head", "dcq"], "--max-classes is for --head partial_fc"),
+        (["--max-classes", "--device-memory", "0.00001"], "not even"),
+        (["--device-memory", "1", "--classes", "10"], "--device-memory is for --max-classes"),
+        ([], "--classes is required"),
+    ]:
+        bad = run_bench("head", "--batch", "32", "--dim", "16", "--devices", "2", *args)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr

@@ -11,7 +11,10 @@ its gradient through them, and the memory's update; the batch is pairs of one id
 Reports the median /
 min / max milliseconds per step, the per-device sizes that dominate memory (centers +
 optimizer rows or the queue, the logits) and the peak device memory where the backend
-reports it (GPU/TPU), else XLA's compiled estimate.
+reports it (GPU/TPU), else XLA's compiled estimate. For Partial FC it also times the
+step's three ``B x num_sample x D`` matmuls alone, the step's floor. ``--max-classes
+--device-memory GIB`` instead searches the largest C whose compiled Partial FC step fits
+that memory per device (:func:`max_classes`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ class HeadReport(Report):
     compiled_temp_bytes: int | None
     compiled_total_bytes: int | None
     peak_bytes: int | None
+    # Partial FC: the step's three [B, num_sample, D] matmuls alone (forward logits, their
+    # gradients w.r.t. the embeddings and the rows), timed as one program on the same
+    # shards, dtypes and precision; the step's floor. None for the other heads.
+    matmul_ms: float | None = None
+    floor_ratio: float | None = None  # ms_per_step / matmul_ms
 
     def title(self) -> str:
         if self.head == "dcq":
@@ -84,6 +92,16 @@ class HeadReport(Report):
             ),
             (store or "centers + optimizer rows", f"{mib(self.centers_and_state_bytes)} per device"),
             ("logits", f"{mib(self.logits_bytes)} per device"),
+            *(
+                []
+                if self.matmul_ms is None
+                else [
+                    (
+                        "matmuls alone",
+                        f"{self.matmul_ms:.2f} ms (the step is {self.floor_ratio:.2f}x its three B x n x D matmuls)",
+                    )
+                ]
+            ),
             ("compiled", f"temporaries {mib(self.compiled_temp_bytes)}, total {mib(self.compiled_total_bytes)}"),
             ("peak", mib(self.peak_bytes)),
             ("loss", f"{self.loss_first:.3f} -> {self.loss_last:.3f}"),
@@ -100,7 +118,14 @@ def add_arguments(p) -> None:
         help="--rate, --optimizer and --logits-dtype are partial_fc's, --margin partial_fc's and prototype_memory's, "
         "--queue-size dcq's, --pool-size f2c's, --memory-size prototype_memory's",
     )
-    p.add_argument("--classes", type=cli.positive_int, required=True, help="number of identities C")
+    p.add_argument("--classes", type=cli.positive_int, default=None, help="number of identities C")
+    p.add_argument(
+        "--max-classes",
+        action="store_true",
+        help="partial_fc: instead of timing, find the largest C whose compiled step fits --device-memory "
+        "(XLA's compiled estimate for this backend, per device; nothing is allocated)",
+    )
+    p.add_argument("--device-memory", type=float, default=None, help="GiB per device, for --max-classes")
     p.add_argument("--batch", type=cli.positive_int, default=256, help="global batch B")
     p.add_argument("--dim", type=cli.positive_int, default=512, help="embedding size D")
     p.add_argument("--rate", type=float, default=0.1, help="partial_fc: sample rate in [0, 1]")
@@ -132,6 +157,12 @@ def add_arguments(p) -> None:
 def run(args) -> HeadReport:
     if not 0.0 <= args.rate <= 1.0:
         raise InputError(f"--rate must be in [0, 1], got {args.rate}")
+    if args.max_classes:
+        return max_classes(args)
+    if args.device_memory is not None:
+        raise InputError("--device-memory is for --max-classes (add it, or drop --device-memory)")
+    if args.classes is None:
+        raise InputError("--classes is required (or ask for --max-classes with --device-memory GIB)")
     import jax
     import jax.numpy as jnp
 
@@ -220,6 +251,8 @@ def run(args) -> HeadReport:
         steps=args.steps,
     )
     losses = [float(metrics["loss"]) for _, metrics in outputs]
+    ms_per_step = statistics.median(times)
+    matmul_ms = None if generated else _matmul_ms(head, args, mesh)
     if dcq:
         num_local = num_sample = head.queue.num_local
         state_bytes = num_local * (args.dim + 1) * 4  # weights and labels
@@ -251,7 +284,7 @@ def run(args) -> HeadReport:
         num_local=num_local,
         num_sample=num_sample,
         steps=args.steps,
-        ms_per_step=statistics.median(times),
+        ms_per_step=ms_per_step,
         ms_min=min(times),
         ms_max=max(times),
         compile_s=compile_s,
@@ -261,4 +294,185 @@ def run(args) -> HeadReport:
         logits_bytes=args.batch * num_sample * 4,
         **compiled_bytes(compiled.memory_analysis()),
         peak_bytes=device_peak_bytes(devices),
+        matmul_ms=matmul_ms,
+        floor_ratio=None if matmul_ms is None else ms_per_step / matmul_ms,
     )
+
+
+@dataclasses.dataclass
+class CapacityReport(Report):
+    benchmark: str
+    head: str
+    platform: str
+    device_kind: str
+    devices: int
+    batch: int
+    dim: int
+    rate: float
+    optimizer: str
+    logits_dtype: str
+    device_memory_bytes: int  # the budget per device
+    max_classes: int  # the largest C whose compiled step fits it
+    num_sample: int  # per shard, at max_classes
+    compiled_total_bytes: int  # per device, at max_classes
+    compiled_temp_bytes: int
+    state_bytes: int  # centers + optimizer rows per device, at max_classes
+    compiles: int
+
+    def title(self) -> str:
+        return (
+            f"{self.head} capacity  B={self.batch} D={self.dim} rate={self.rate} {self.optimizer} "
+            f"on {self.devices} x {self.device_kind} ({self.platform}), {mib(self.device_memory_bytes)} per device"
+        )
+
+    def rows(self):
+        return [
+            ("largest C", f"{self.max_classes:,} identities ({self.num_sample:,} sampled per shard)"),
+            (
+                "compiled, at that C",
+                f"total {mib(self.compiled_total_bytes)} per device: centers + optimizer rows "
+                f"{mib(self.state_bytes)}, temporaries {mib(self.compiled_temp_bytes)}",
+            ),
+            ("searched", f"{self.compiles} compiled steps (XLA's memory analysis; the head step alone)"),
+        ]
+
+
+def _partial_fc(args, mesh, classes):
+    import jax.numpy as jnp
+
+    from pfc_jax import optim
+    from pfc_jax.heads import margins
+    from pfc_jax.heads.partial_fc import PartialFC
+
+    return PartialFC(
+        mesh,
+        num_classes=classes,
+        embedding_dim=args.dim,
+        sample_rate=args.rate,
+        margin=margins.arcface() if args.margin == "arcface" else margins.cosface(),
+        optimizer=optim.sgd(0.1, 0.9, 5e-4) if args.optimizer == "sgd" else optim.adamw(1e-3),
+        logits_dtype=jnp.dtype(args.logits_dtype),
+    )
+
+
+def _compiled_step_bytes(args, mesh, classes) -> dict:
+    """XLA's per-device memory for Partial FC's step at ``classes``, from abstract shapes."""
+    import jax
+    import jax.numpy as jnp
+
+    head = _partial_fc(args, mesh, classes)
+    state = jax.eval_shape(head.init_state, jax.random.key(0))
+    embeddings = jax.ShapeDtypeStruct((args.batch, args.dim), jnp.float32)
+    labels = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    compiled = head.jit_step().lower(state, embeddings, labels, key).compile()
+    rows = sum(1 for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == state.centers.shape)
+    return {
+        **compiled_bytes(compiled.memory_analysis()),
+        "num_sample": head.num_sample(args.batch),
+        "state_bytes": head.num_local * args.dim * 4 * (1 + rows),
+    }
+
+
+def max_classes(args) -> CapacityReport:
+    """Bisects C for the largest Partial FC step that XLA's compiled memory analysis puts
+    within ``--device-memory`` per device: a doubling search from 1,024 identities per
+    device, then bisection to 0.1 % of C."""
+    if args.head != "partial_fc":
+        raise InputError("--max-classes is for --head partial_fc (the others' memory does not grow with C)")
+    if args.device_memory is None or args.device_memory <= 0:
+        raise InputError("--max-classes needs --device-memory GIB, the memory of one device (e.g. 80)")
+    if args.classes is not None:
+        raise InputError("--max-classes searches C itself: drop --classes")
+    devices = select_devices(args.devices)
+    if args.batch % len(devices):
+        raise InputError(f"--batch {args.batch} must be a multiple of --devices {len(devices)}")
+    from pfc_jax import sharding
+
+    mesh = sharding.make_mesh(devices)
+    budget = int(args.device_memory * 2**30)
+    seen = {}
+
+    def measure(c):
+        if c not in seen:
+            seen[c] = _compiled_step_bytes(args, mesh, c)
+        return seen[c]
+
+    fits = lambda c: measure(c)["compiled_total_bytes"] <= budget
+    lo = max(1024 * len(devices), args.batch)
+    if not fits(lo):
+        raise InputError(
+            f"--device-memory {args.device_memory} GiB: not even {lo:,} identities fit "
+            f"({mib(measure(lo)['compiled_total_bytes'])} per device); give more memory or a smaller --batch/--dim"
+        )
+    hi = 2 * lo
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > max(1, lo // 1000):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    at = measure(lo)
+    return CapacityReport(
+        benchmark="capacity",
+        head=args.head,
+        platform=devices[0].platform,
+        device_kind=devices[0].device_kind,
+        devices=len(devices),
+        batch=args.batch,
+        dim=args.dim,
+        rate=args.rate,
+        optimizer=args.optimizer,
+        logits_dtype=args.logits_dtype,
+        device_memory_bytes=budget,
+        max_classes=lo,
+        num_sample=at["num_sample"],
+        compiled_total_bytes=at["compiled_total_bytes"],
+        compiled_temp_bytes=at["compiled_temp_bytes"],
+        state_bytes=at["state_bytes"],
+        compiles=len(seen),
+    )
+
+
+def _matmul_ms(head, args, mesh) -> float:
+    """The median time of Partial FC's three matmuls alone, per shard as in its loss:
+    ``cos = x @ w.T`` [B, n], ``dx = g @ w`` [B, D] and ``dw = g.T @ x`` [n, D], with the
+    whole batch ``x`` against each shard's ``n`` sampled rows."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from pfc_jax import sharding
+
+    dtype, n, shards = head.logits_dtype, head.num_sample(args.batch), head.num_shards
+    axis = sharding.DATA_AXIS
+
+    def products(x, w, g):
+        mm = lambda spec, a, b: jnp.einsum(
+            spec, a, b, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST
+        )
+        return mm("bd,nd->bn", x, w), mm("bn,nd->bd", g, w)[None], mm("bn,bd->nd", g, x)
+
+    fn = jax.jit(
+        jax.shard_map(
+            products,
+            mesh=mesh,
+            in_specs=(P(), P(axis, None), P(None, axis)),
+            out_specs=(P(None, axis), P(axis), P(axis, None)),
+        )
+    )
+    kx, kw, kg = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(kx, (args.batch, args.dim)).astype(dtype)
+    w = jax.device_put(jax.random.normal(kw, (shards * n, args.dim)).astype(dtype), NamedSharding(mesh, P(axis, None)))
+    g = jax.device_put(
+        jax.random.normal(kg, (args.batch, shards * n)).astype(dtype), NamedSharding(mesh, P(None, axis))
+    )
+    compiled = fn.lower(x, w, g).compile()
+    _, _, times = time_steps(
+        lambda carry, w, g: (carry, compiled(carry, w, g)),
+        x,
+        lambda i: (w, g),
+        warmup=args.warmup,
+        steps=args.steps,
+    )
+    return statistics.median(times)
