@@ -166,11 +166,10 @@ def run(args) -> HeadReport:
     import jax
     import jax.numpy as jnp
 
-    from pfc_jax import heads, optim, sharding
+    from pfc_jax import heads, sharding
     from pfc_jax.heads import margins
     from pfc_jax.heads.dcq import DCQ
     from pfc_jax.heads.f2c import F2C
-    from pfc_jax.heads.partial_fc import PartialFC
     from pfc_jax.heads.prototype_memory import PrototypeMemory
 
     devices = select_devices(args.devices)
@@ -199,7 +198,6 @@ def run(args) -> HeadReport:
     generated = dcq or f2c or pm
     mesh = sharding.make_mesh(devices)
     margin = margins.arcface() if args.margin == "arcface" else margins.cosface()
-    tx = optim.sgd(0.1, 0.9, 5e-4) if args.optimizer == "sgd" else optim.adamw(1e-3)
     if dcq:
         head = DCQ(mesh, num_classes=args.classes, embedding_dim=args.dim, queue_size=args.queue_size)
     elif f2c:
@@ -209,15 +207,7 @@ def run(args) -> HeadReport:
             mesh, num_classes=args.classes, embedding_dim=args.dim, memory_size=memory_size, margin=margin
         )
     else:
-        head = PartialFC(
-            mesh,
-            num_classes=args.classes,
-            embedding_dim=args.dim,
-            sample_rate=args.rate,
-            margin=margin,
-            optimizer=tx,
-            logits_dtype=jnp.dtype(args.logits_dtype),
-        )
+        head = _partial_fc(args, mesh, args.classes)
     k_state, k_emb, k_lab, k_step = jax.random.split(jax.random.key(0), 4)
     batch = sharding.batch_sharding(mesh)
     state = jax.jit(head.init_state, out_shardings=head.state_shardings())(k_state)
@@ -264,8 +254,7 @@ def run(args) -> HeadReport:
         state_bytes = num_local * (args.dim + 3) * 4  # the prototype, labels, stamps, next view
     else:
         num_local, num_sample = head.num_local, head.num_sample(args.batch)
-        row_leaves = sum(1 for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == state.centers.shape)
-        state_bytes = num_local * args.dim * 4 * (1 + row_leaves)
+        state_bytes = _centers_and_rows_bytes(head, state)
     return HeadReport(
         benchmark="head",
         head=args.head,
@@ -366,12 +355,19 @@ def _compiled_step_bytes(args, mesh, classes) -> dict:
     labels = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     compiled = head.jit_step().lower(state, embeddings, labels, key).compile()
-    rows = sum(1 for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == state.centers.shape)
     return {
         **compiled_bytes(compiled.memory_analysis()),
         "num_sample": head.num_sample(args.batch),
-        "state_bytes": head.num_local * args.dim * 4 * (1 + rows),
+        "state_bytes": _centers_and_rows_bytes(head, state),
     }
+
+
+def _centers_and_rows_bytes(head, state) -> int:
+    """Per device: Partial FC's centers and the optimizer state leaves with a row per center."""
+    import jax
+
+    rows = sum(1 for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == state.centers.shape)
+    return head.num_local * head.embedding_dim * 4 * (1 + rows)
 
 
 def max_classes(args) -> CapacityReport:
