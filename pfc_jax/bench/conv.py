@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 
-from pfc_jax.bench.report import Report, cores_available, time_steps
+from pfc_jax.bench.report import Report, cores_available, time_calls
 from pfc_jax.errors import InputError
 
 PASSES = ("forward", "input_grad", "weight_grad")
@@ -135,15 +135,7 @@ def run(args) -> ConvReport:
         for name, fn in _passes(s, k).items():
             compiled = jax.jit(fn).lower(x, w, g).compile()
             cpu = []
-            # time_steps threads a state through; a pass has none, so carry x unchanged.
-            _, _, ms = time_steps(
-                lambda x, w, g, f=compiled: (x, f(x, w, g)),
-                x,
-                lambda i, w=w, g=g: (w, g),
-                warmup=args.warmup,
-                steps=args.steps,
-                cpu_ms=cpu,
-            )
+            ms = time_calls(compiled, (x, w, g), warmup=args.warmup, steps=args.steps, cpu_ms=cpu)
             med = statistics.median(ms)
             row[name] = {"ms": med, "gflops": flops / med / 1e6}
             totals[name] += med * conv["count"]

@@ -23,7 +23,15 @@ import dataclasses
 import statistics
 import time
 
-from pfc_jax.bench.report import Report, compiled_bytes, device_peak_bytes, mib, select_devices, time_steps
+from pfc_jax.bench.report import (
+    Report,
+    compiled_bytes,
+    device_peak_bytes,
+    mib,
+    select_devices,
+    time_calls,
+    time_steps,
+)
 from pfc_jax.errors import InputError
 
 
@@ -464,11 +472,5 @@ def _matmul_ms(head, args, mesh) -> float:
         jax.random.normal(kg, (args.batch, shards * n)).astype(dtype), NamedSharding(mesh, P(None, axis))
     )
     compiled = fn.lower(x, w, g).compile()
-    _, _, times = time_steps(
-        lambda carry, w, g: (carry, compiled(carry, w, g)),
-        x,
-        lambda i: (w, g),
-        warmup=args.warmup,
-        steps=args.steps,
-    )
+    times = time_calls(compiled, (x, w, g), warmup=args.warmup, steps=args.steps)
     return statistics.median(times)

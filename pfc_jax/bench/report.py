@@ -99,6 +99,22 @@ def time_steps(fn, state, args_of_step, *, warmup: int, steps: int, cpu_ms: list
     return state, outputs, times
 
 
+def time_calls(fn, args, *, warmup: int, steps: int, cpu_ms: list | None = None) -> list[float]:
+    """Milliseconds of each timed ``fn(*args)`` (nothing threaded from call to call, no
+    output kept); with ``cpu_ms``, appends the process's CPU time of each to it."""
+    import jax
+
+    times = []
+    for i in range(warmup + steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        jax.block_until_ready(fn(*args))
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+            if cpu_ms is not None:
+                cpu_ms.append((time.process_time() - cpu_start) * 1e3)
+    return times
+
+
 def cores_available() -> int:
     """The CPU cores this process may run on."""
     import os
