@@ -100,3 +100,17 @@ def test_negatives_are_uniform():
     expected = 4000 * 6 / 36
     chi2 = ((negatives - expected) ** 2 / expected).sum()
     assert chi2 < 70, chi2  # 35 dof: p ~ 5e-4
+
+
+@pytest.mark.parametrize("high", [3, 40, 2**32 - 1])
+def test_top_keeps_what_lax_top_k_keeps_ties_to_the_lower_index(high):
+    """The counting selection against lax.top_k, with many ties at the cut-off (few
+    distinct scores) and without, for every k including 0 and all."""
+    scores = jax.random.bits(jax.random.key(high % 97), (200,), jnp.uint32) % jnp.uint32(high)
+    top = jax.jit(sampler._top)
+    for k in [0, 1, 7, 50, 199, 200]:
+        # top_k on int32 keys that order like the uint32 scores.
+        _, expected = jax.lax.top_k((scores ^ jnp.uint32(2**31)).astype(jnp.int32), k)
+        mask = np.zeros(200, bool)
+        mask[np.asarray(expected)] = True
+        np.testing.assert_array_equal(np.asarray(top(scores, k)), mask)
