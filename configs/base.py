@@ -39,6 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.head.weight_decay = 5e-4  # weight decay of the class centers (sampled rows only)
     c.head.logits_dtype = "float32"  # dtype of the logits matmul's operands (pfc_jax.models.DTYPES)
     c.head.count_samples = False  # count per class the steps it was sampled (pfc_jax.study sets it)
+    # Storage of the centers and their optimizer rows (the arithmetic is float32 either way):
+    # bfloat16 halves the head's memory; its rounding on write is nearest or stochastic.
+    c.head.storage_dtype = "float32"
+    c.head.storage_rounding = "stochastic"  # nearest | stochastic (bfloat16 storage only)
+    c.head.block_rows = 0  # sampled rows per block of the head's row passes; 0: the default (1024)
     # Combined margin s * (cos(m1*theta + m2) - m3): ArcFace (1, 0.5, 0), CosFace (1, 0, 0.4).
     c.head.margin = ml_collections.ConfigDict()
     c.head.margin.s = 64.0

@@ -17,6 +17,9 @@ interrupted save never looks like a checkpoint. Class centers are stored with th
 padding of the device count that wrote them; restoring onto another device count pads
 or truncates the rows (the padding rows are zero and never trained) and re-shards them.
 That holds for every leaf of the head's state that is split by rows over the devices.
+Those leaves may also change storage between float32 and bfloat16 (kept as uint16 bits;
+``config.head.storage_dtype``, :mod:`pfc_jax.heads.storage`): they are read as saved and
+converted.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from absl import logging as absl_logging
 
 from pfc_jax import sharding
 from pfc_jax.errors import InputError
+from pfc_jax.heads import storage
 from pfc_jax.models import ModelSpec
 from pfc_jax.step import TrainState
 
@@ -119,6 +123,21 @@ def _cause_first(paths) -> list[str]:
     return sorted(paths, key=rank)
 
 
+def _converts(path: str, saved: tuple, here: tuple) -> bool:
+    """Whether a saved leaf ``(shape, dtype)`` is this run's ``here`` in another storage: a
+    row-split head leaf (leading size None) stored as float32 in one, bfloat16 in the other."""
+    (saved_shape, saved_dtype), (shape, dtype) = saved, here
+    stored = {str(d) for d in storage.STORED.values()}
+    return (
+        path.startswith(f"{TRAIN}['head']")
+        and list(saved_shape) == list(shape)
+        and bool(shape)
+        and shape[0] is None
+        and saved_dtype != dtype
+        and {saved_dtype, dtype} <= stored
+    )
+
+
 def _first_difference(saved: list, here: list) -> str | None:
     """Where two state signatures first differ, in words; None when equal."""
     saved_by, here_by = {p: (s, d) for p, s, d in saved}, {p: (s, d) for p, s, d in here}
@@ -127,12 +146,21 @@ def _first_difference(saved: list, here: list) -> str | None:
     for path in _cause_first(p for p, _, _ in saved if p not in here_by)[:1]:
         return f"{path} is in the checkpoint but not in this run's state ({_hint(path)} differs)"
     for path, (shape, dtype) in here_by.items():
-        if list(saved_by[path][0]) != list(shape) or saved_by[path][1] != dtype:
+        saved_leaf, leaf = (list(saved_by[path][0]), saved_by[path][1]), (list(shape), dtype)
+        if saved_leaf != leaf and not _converts(path, saved_leaf, leaf):
             return (
                 f"{path} is {saved_by[path][1]}{saved_by[path][0]} in the checkpoint, {dtype}{shape} here "
                 f"({_hint(path)} differs)"
             )
     return None
+
+
+def _in_storage(restored: jax.Array, target: jax.ShapeDtypeStruct) -> jax.Array:
+    """A restored head leaf in this run's storage (converted on its own devices)."""
+    if restored.dtype == target.dtype:
+        return restored
+    convert = jax.jit(lambda a: storage.convert(a, target.dtype), out_shardings=target.sharding, donate_argnums=0)
+    return convert(restored)
 
 
 class DamagedCheckpoint(CheckpointError):
@@ -239,7 +267,19 @@ class Checkpointer:
                     f"{where} does not fit this run: {difference} (resume with the config it was written with, "
                     f"{self.directory.parent / 'config.json'}, or use a new --workdir)"
                 )
-        items = _split(abstract)
+        # Head leaves in another storage (float32 / bfloat16 bits) are read as saved.
+        saved_dtypes = {path: dtype for path, _, dtype in saved or ()}
+
+        def as_saved(item, tree):
+            def leaf(path, x):
+                dtype = saved_dtypes.get(f"{item}{jax.tree_util.keystr(path)}", str(x.dtype))
+                return (
+                    x if dtype == str(x.dtype) else jax.ShapeDtypeStruct(x.shape, np.dtype(dtype), sharding=x.sharding)
+                )
+
+            return jax.tree_util.tree_map_with_path(leaf, tree)
+
+        items = {name: as_saved(name, tree) for name, tree in _split(abstract).items()}
         _silence_failed_reads()
         try:
             out = self._manager.restore(
@@ -269,7 +309,7 @@ class Checkpointer:
             params=b["params"],
             batch_stats=b["batch_stats"],
             opt_state=t["opt_state"],
-            head=t["head"],
+            head=jax.tree.map(_in_storage, t["head"], abstract.head),
             rng=t["rng"],
             ema=out[EMA] if EMA in items else None,
         )

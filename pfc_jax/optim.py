@@ -79,20 +79,25 @@ class SparseRows:
         write_index: jax.Array,
         new_rows: jax.Array,
         new_state_rows: PyTree,
+        store=lambda rows, stored, leaf: rows.astype(stored.dtype),
     ):
         """Writes rows back at ``write_index``; indices out of bounds are skipped.
 
         ``write_index`` must be unique (out-of-bounds entries too): the scatter is then
-        an in-place row overwrite on a donated buffer with no atomics.
+        an in-place row overwrite on a donated buffer with no atomics. ``store(rows,
+        stored, leaf)`` converts the new rows of the ``leaf``-th written array (0: the
+        params, then the per-row state leaves in order) to the form of ``stored`` (default:
+        its dtype, rounded to nearest).
         """
+        leaves = iter(range(1, 1 + len(jax.tree.leaves(new_state_rows))))
 
-        def put(a, rows):
-            return a.at[write_index].set(rows.astype(a.dtype), mode="drop", unique_indices=True)
+        def put(a, rows, leaf):
+            return a.at[write_index].set(store(rows, a, leaf), mode="drop", unique_indices=True)
 
         new_state = jax.tree.map(
-            lambda leaf, rows, row: put(leaf, rows) if row else rows, state, new_state_rows, is_row
+            lambda leaf, rows, row: put(leaf, rows, next(leaves)) if row else rows, state, new_state_rows, is_row
         )
-        return put(params, new_rows), new_state
+        return put(params, new_rows, 0), new_state
 
 
 def write_index(index: jax.Array, keep: jax.Array, num_rows: int) -> jax.Array:

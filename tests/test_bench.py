@@ -227,20 +227,22 @@ def test_conv_json_times_three_passes_per_convolution():
 
 
 def test_head_max_classes_finds_the_largest_step_that_fits():
-    def search(gib):
+    def search(gib, storage):
         out = run_bench(
-            "head", "--max-classes", "--device-memory", str(gib), "--batch", "32", "--dim", "16",
-            "--devices", "2", "--json",
+            "head", "--max-classes", "--device-memory", str(gib), "--batch", "32", "--dim", "64",
+            "--devices", "2", "--storage-dtype", storage, "--json",
         )  # fmt: skip
         assert out.returncode == 0, out.stderr[-3000:]
         return json.loads(out.stdout)
 
-    small, large = search(0.01), search(0.02)
-    for r in (small, large):
+    f32, bf16 = search(0.02, "float32"), search(0.02, "bfloat16")
+    for r in (f32, bf16):
         assert r["benchmark"] == "capacity" and r["devices"] == 2
         assert r["state_bytes"] < r["compiled_total_bytes"] <= r["device_memory_bytes"]
-    # the state (centers + momentum) dominates: twice the memory, about twice the identities
-    assert 1.8 < large["max_classes"] / small["max_classes"] < 2.2
+    assert bf16["storage_dtype"] == "bfloat16"
+    # the state (centers + momentum) dominates: half the bytes per identity, about twice the identities
+    assert bf16["state_bytes"] / bf16["max_classes"] == pytest.approx(f32["state_bytes"] / f32["max_classes"] / 2, 0.01)
+    assert 1.8 < bf16["max_classes"] / f32["max_classes"] < 2.2
     for args, message in [
         (["--max-classes"], "--max-classes needs --device-memory GIB"),
         (["--max-classes", "--device-memory", "1", "--classes", "10"], "drop --classes"),
@@ -248,6 +250,33 @@ def test_head_max_classes_finds_the_largest_step_that_fits():
         (["--max-classes", "--device-memory", "0.00001"], "not even"),
         (["--device-memory", "1", "--classes", "10"], "--device-memory is for --max-classes"),
         ([], "--classes is required"),
+        (["--compile-only"], "--compile-only needs --classes"),
+        (["--compile-only", "--classes", "10", "--head", "dcq"], "--compile-only is for --head partial_fc"),
     ]:
         bad = run_bench("head", "--batch", "32", "--dim", "16", "--devices", "2", *args)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+
+
+def test_head_compile_only_reports_the_memory_of_a_step_too_large_to_run():
+    """10M identities on 2 devices at rate 0.1, B 256, D 512, compiled from abstract shapes
+    (nothing allocated): beyond the state the step holds the cosines and their gradient
+    (2 x B x n x 4 bytes = 1.0 x n x D x 4 here), the sampler's per-row arrays (~6 x 4 bytes
+    per row of the shard) and a few blocks, not several n x D buffers; bfloat16 storage
+    halves the state and nothing else."""
+
+    def compiled(storage):
+        out = run_bench(
+            "head", "--compile-only", "--classes", "10000000", "--rate", "0.1", "--batch", "256", "--dim", "512",
+            "--devices", "2", "--storage-dtype", storage, "--json",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout)
+
+    f32, bf16 = compiled("float32"), compiled("bfloat16")
+    assert f32["benchmark"] == "compiled" and f32["num_sample"] == 500_000
+    assert f32["state_bytes"] == 5_000_000 * 512 * 4 * 2 == 2 * bf16["state_bytes"]  # centers + momentum
+    for r in (f32, bf16):
+        rows = r["num_sample"] * r["dim"] * 4
+        assert r["temp_per_sampled_rows"] == pytest.approx(r["compiled_temp_bytes"] / rows)
+        assert r["compiled_temp_bytes"] < 1.5 * rows  # the target; ~1.13 x
+    assert bf16["compiled_temp_bytes"] == pytest.approx(f32["compiled_temp_bytes"], rel=0.02)

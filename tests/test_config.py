@@ -64,6 +64,9 @@ def test_recipes_only_override_declared_fields():
         ("head.margin.m2", -0.5, r"config\.head\.margin: margin m2 must be in \[0, pi\)"),
         ("head.margin.past_critical", "rising", r"config\.head\.margin: margin past_critical must be one of"),
         ("log_every_steps", 0, r"log_every_steps = 0"),
+        ("head.storage_dtype", "float16", r"head\.storage_dtype = 'float16': must be one of float32, bfloat16"),
+        ("head.storage_rounding", "up", r"head\.storage_rounding = 'up': must be one of nearest, stochastic"),
+        ("head.block_rows", -1, r"head\.block_rows = -1: must be an integer >= 0"),
     ],
 )
 def test_invalid_values_name_the_field_and_fix(field, value, message):

@@ -1,5 +1,6 @@
 """The sharded Partial FC head against a dense single-device reference."""
 
+import dataclasses
 import math
 
 import chex
@@ -10,7 +11,7 @@ import optax
 import pytest
 
 from pfc_jax import optim, sharding
-from pfc_jax.heads import margins
+from pfc_jax.heads import margins, storage
 from pfc_jax.heads.partial_fc import PartialFC
 from pfc_jax.optim import SparseRows
 from tests import reference
@@ -50,14 +51,19 @@ def inputs(head, seed=0, batch=BATCH):
 
 
 def head_loss_and_grads(head, state, embeddings, labels, key):
-    """Loss and gradients w.r.t. embeddings and the gathered rows, plus the sample."""
+    """Loss and gradients w.r.t. the embeddings and the sampled rows, plus the sample.
+
+    The loss is differentiated w.r.t. the embeddings and its cosines (as the step does);
+    the rows' gradient is formed from the cosines' gradient by ``row_gradients``."""
 
     @jax.jit
     def run(state, embeddings, labels, key):
         sample = head.sample(labels, key)
-        rows, _ = head.gather(state, sample)
-        (loss, metrics), grads = jax.value_and_grad(head.loss, argnums=(0, 1), has_aux=True)(embeddings, rows, sample)
-        return loss, metrics, grads, sample
+        offset = head.zero_cos_offset(labels.shape[0])
+        (loss, metrics), (g_emb, g_cos) = jax.value_and_grad(head.loss, argnums=(1, 3), has_aux=True)(
+            state.centers, embeddings, sample, offset
+        )
+        return loss, metrics, (g_emb, head.row_gradients(state.centers, embeddings, sample, g_cos)), sample
 
     return run(state, embeddings, labels, key)
 
@@ -290,3 +296,56 @@ def test_config_errors_name_the_field():
         PartialFC(mesh, 10, 4, 1.5, margins.arcface(), optax.sgd(0.1))
     with pytest.raises(ValueError, match="num_classes"):
         PartialFC(mesh, 0, 4, 0.1, margins.arcface(), optax.sgd(0.1))
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_bfloat16_storage_trains_like_float32_storage(rounding):
+    """Centers and momentum stored in bfloat16 (as uint16 bits), the arithmetic in float32:
+    three steps from the same centers stay within bfloat16 rounding of the float32 head, in
+    loss and in every center; the state stays bfloat16 and rows not sampled do not move."""
+    tx = optim.sgd(0.1, momentum=0.9, weight_decay=5e-4)
+    f32 = make_head(4, 0.3, margins.arcface(), optimizer=tx, num_classes=203)
+    b16 = dataclasses.replace(f32, storage_dtype="bfloat16", storage_rounding=rounding)
+    state32, embeddings, labels = inputs(f32, seed=6)
+    state16 = b16.init_from_centers(np.asarray(state32.centers)[:203])
+    as_f32 = lambda a: np.asarray(storage.widen(a))
+    np.testing.assert_array_equal(as_f32(state16.centers), np.asarray(state32.centers.astype(jnp.bfloat16), np.float32))
+    step32, step16 = f32.jit_step(), b16.jit_step()
+    before = as_f32(state16.centers)
+    for i in range(3):
+        key = jax.random.fold_in(jax.random.key(3), i)
+        state32, _, m32 = step32(state32, embeddings, labels, key)
+        state16, _, m16 = step16(state16, embeddings, labels, key)
+        np.testing.assert_allclose(float(m16["loss"]), float(m32["loss"]), rtol=1e-2)
+    rows = [leaf for leaf in jax.tree.leaves(state16) if leaf.ndim == 2]
+    assert len(rows) == 2 and all(leaf.dtype == jnp.uint16 for leaf in rows)  # centers and momentum
+    after = as_f32(state16.centers)
+    np.testing.assert_allclose(after, np.asarray(state32.centers), rtol=2e-2, atol=2e-2)
+    moved = (after != before).any(axis=1)
+    assert 0 < moved.sum() < 203  # rate 0.3 over three steps: some rows were never sampled
+    np.testing.assert_array_equal(b16.class_weights(state16), after[:203])
+
+
+def test_stochastic_rounding_keeps_updates_that_nearest_rounding_loses():
+    """1.0 in bfloat16 plus 1e-3 (an eighth of its spacing) 200 times: rounding to nearest
+    stalls at 1.0; stochastic rounding is unbiased and lands near 1.2."""
+    bits = storage.stored_dtype("bfloat16")
+
+    def run(rounding, key):
+        def body(i, w):
+            return storage.narrow(storage.widen(w) + 1e-3, bits, rounding, jax.random.fold_in(key, i))
+
+        return storage.widen(jax.lax.fori_loop(0, 200, body, storage.narrow(jnp.ones((4096,)), bits)))
+
+    nearest = np.asarray(jax.jit(run, static_argnums=0)("nearest", jax.random.key(0)))
+    stochastic = np.asarray(jax.jit(run, static_argnums=0)("stochastic", jax.random.key(0)))
+    np.testing.assert_array_equal(nearest, 1.0)
+    assert abs(stochastic.mean() - 1.2) < 2e-3, stochastic.mean()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=4096), jnp.float32)
+    np.testing.assert_array_equal(storage.widen(storage.narrow(x, bits)), x.astype(jnp.bfloat16).astype(jnp.float32))
+    grid = x.astype(jnp.bfloat16).astype(jnp.float32)  # already representable: unchanged
+    np.testing.assert_array_equal(storage.widen(storage.narrow(grid, bits, "stochastic", jax.random.key(1))), grid)
+    # Each value rounds to one of its two neighbours, up with the right frequency.
+    y = jnp.full((100_000,), 1.0 + 2**-9, jnp.float32)  # a quarter of the way from 1.0 to 1.0078125
+    up = np.asarray(storage.widen(storage.narrow(y, bits, "stochastic", jax.random.key(2)))) > 1.0
+    assert abs(up.mean() - 0.25) < 0.01, up.mean()

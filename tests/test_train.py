@@ -160,6 +160,39 @@ def test_restore_reshards_centers_in_process(runs):
     ckpt.close()
 
 
+def test_storage_dtype_changes_on_restore(runs, tmp_path):
+    """The float32 checkpoint at step 6 restores into a bfloat16-storage run (centers and
+    momentum rounded to nearest, kept as uint16 bits), and a bfloat16 checkpoint back into
+    float32 (exactly)."""
+    import jax.numpy as jnp
+
+    from pfc_jax import sharding, train
+    from pfc_jax.heads import storage
+
+    bf16 = recipes.load("synthetic", [*TINY, "--config.head.storage_dtype=bfloat16"])
+    f32 = recipes.load("synthetic", TINY)
+    mesh = sharding.make_mesh(jax.devices()[:4])
+    trainer = lambda config: train.build(config, mesh, num_classes=37, num_examples=148).trainer
+    ckpt = checkpoint.Checkpointer(runs["copies"][1] / "checkpoints", read_only=True)  # step 6 @ 8 devices, fp32
+    as_f32, _, _ = ckpt.restore(6, trainer(f32).abstract_state)
+    as_bf16, data, meta = ckpt.restore(6, trainer(bf16).abstract_state)
+    rows = lambda s: [s.head.centers, s.head.opt_state[1][0].trace]  # SGD: (decay, (trace,...))
+    for a, b in zip(rows(as_f32), rows(as_bf16)):
+        assert a.dtype == np.float32 and b.dtype == np.uint16
+        assert b.sharding == a.sharding  # each device its own rows
+        rounded = np.asarray(a.astype(jnp.bfloat16), np.float32)
+        np.testing.assert_array_equal(np.asarray(storage.widen(b)), rounded)
+
+    written = checkpoint.Checkpointer(tmp_path / "checkpoints", async_save=False)
+    written.save(as_bf16, data, meta)
+    back, _, _ = written.restore(6, trainer(f32).abstract_state)
+    for a, b in zip(rows(as_bf16), rows(back)):
+        assert b.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(storage.widen(a)))
+    written.close()
+    ckpt.close()
+
+
 def test_backbone_export_loads_without_centers(runs):
     model, spec, step, encoder = checkpoint.load_backbone(runs["a"])
     assert encoder == "online"

@@ -70,6 +70,7 @@ class HeadReport(Report):
     # shards, dtypes and precision; the step's floor. None for the other heads.
     matmul_ms: float | None = None
     floor_ratio: float | None = None  # ms_per_step / matmul_ms
+    storage_dtype: str | None = None  # Partial FC: the centers' and optimizer rows' dtype
 
     def title(self) -> str:
         if self.head == "dcq":
@@ -79,7 +80,7 @@ class HeadReport(Report):
         elif self.head == "prototype_memory":
             what = f"memory={self.memory_size:,}"
         else:
-            what = f"rate={self.rate}"
+            what = f"rate={self.rate}" + (f" {self.storage_dtype} storage" if self.storage_dtype != "float32" else "")
         return (
             f"{self.head} head step  C={self.classes:,} B={self.batch} D={self.dim} {what} "
             f"on {self.devices} x {self.device_kind} ({self.platform})"
@@ -134,6 +135,12 @@ def add_arguments(p) -> None:
         "(XLA's compiled estimate for this backend, per device; nothing is allocated)",
     )
     p.add_argument("--device-memory", type=float, default=None, help="GiB per device, for --max-classes")
+    p.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="partial_fc: instead of timing, compile the step for --classes from abstract shapes and report "
+        "XLA's memory per device (nothing is allocated: any C)",
+    )
     p.add_argument("--batch", type=cli.positive_int, default=256, help="global batch B")
     p.add_argument("--dim", type=cli.positive_int, default=512, help="embedding size D")
     p.add_argument("--rate", type=float, default=0.1, help="partial_fc: sample rate in [0, 1]")
@@ -160,6 +167,21 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--margin", choices=("arcface", "cosface"), default="arcface")
     p.add_argument("--logits-dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument(
+        "--storage-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="partial_fc: dtype of the stored centers and optimizer rows",
+    )
+    p.add_argument(
+        "--rounding",
+        choices=("nearest", "stochastic"),
+        default="stochastic",
+        help="partial_fc with --storage-dtype bfloat16: how updated rows are rounded",
+    )
+    p.add_argument(
+        "--block-rows", type=cli.non_negative_int, default=0, help="partial_fc: rows per block (0: the default)"
+    )
 
 
 def run(args) -> HeadReport:
@@ -167,6 +189,8 @@ def run(args) -> HeadReport:
         raise InputError(f"--rate must be in [0, 1], got {args.rate}")
     if args.max_classes:
         return max_classes(args)
+    if args.compile_only:
+        return compiled_memory(args)
     if args.device_memory is not None:
         raise InputError("--device-memory is for --max-classes (add it, or drop --device-memory)")
     if args.classes is None:
@@ -293,6 +317,7 @@ def run(args) -> HeadReport:
         peak_bytes=device_peak_bytes(devices),
         matmul_ms=matmul_ms,
         floor_ratio=None if matmul_ms is None else ms_per_step / matmul_ms,
+        storage_dtype=None if generated else args.storage_dtype,
     )
 
 
@@ -315,10 +340,12 @@ class CapacityReport(Report):
     compiled_temp_bytes: int
     state_bytes: int  # centers + optimizer rows per device, at max_classes
     compiles: int
+    storage_dtype: str = "float32"
 
     def title(self) -> str:
         return (
             f"{self.head} capacity  B={self.batch} D={self.dim} rate={self.rate} {self.optimizer} "
+            f"{self.storage_dtype} storage "
             f"on {self.devices} x {self.device_kind} ({self.platform}), {mib(self.device_memory_bytes)} per device"
         )
 
@@ -349,6 +376,9 @@ def _partial_fc(args, mesh, classes):
         margin=margins.arcface() if args.margin == "arcface" else margins.cosface(),
         optimizer=optim.sgd(0.1, 0.9, 5e-4) if args.optimizer == "sgd" else optim.adamw(1e-3),
         logits_dtype=jnp.dtype(args.logits_dtype),
+        storage_dtype=args.storage_dtype,
+        storage_rounding=args.rounding,
+        block_rows=args.block_rows,
     )
 
 
@@ -370,12 +400,85 @@ def _compiled_step_bytes(args, mesh, classes) -> dict:
     }
 
 
+@dataclasses.dataclass
+class CompiledReport(Report):
+    benchmark: str
+    head: str
+    platform: str
+    device_kind: str
+    devices: int
+    classes: int
+    batch: int
+    dim: int
+    rate: float
+    optimizer: str
+    logits_dtype: str
+    storage_dtype: str
+    num_sample: int  # per shard
+    state_bytes: int  # centers + optimizer rows per device
+    compiled_temp_bytes: int
+    compiled_total_bytes: int
+    temp_per_sampled_rows: float  # temporaries / (num_sample x D x 4 bytes)
+
+    def title(self) -> str:
+        return (
+            f"{self.head} step memory  C={self.classes:,} B={self.batch} D={self.dim} rate={self.rate} "
+            f"{self.optimizer} {self.storage_dtype} storage on {self.devices} x {self.device_kind} ({self.platform})"
+        )
+
+    def rows(self):
+        return [
+            ("sampled per shard", f"{self.num_sample:,} rows"),
+            ("centers + optimizer rows", f"{mib(self.state_bytes)} per device"),
+            (
+                "temporaries",
+                f"{mib(self.compiled_temp_bytes)} per device "
+                f"= {self.temp_per_sampled_rows:.2f} x num_sample x D x 4 bytes",
+            ),
+            ("total", f"{mib(self.compiled_total_bytes)} per device (XLA's memory analysis of the head step alone)"),
+        ]
+
+
+def compiled_memory(args) -> CompiledReport:
+    """XLA's memory analysis of Partial FC's step at ``--classes``, compiled from abstract
+    shapes: what a C that does not fit this machine would need per device."""
+    if args.head != "partial_fc":
+        raise InputError("--compile-only is for --head partial_fc")
+    if args.classes is None:
+        raise InputError("--compile-only needs --classes")
+    devices = select_devices(args.devices)
+    if args.batch % len(devices):
+        raise InputError(f"--batch {args.batch} must be a multiple of --devices {len(devices)}")
+    from pfc_jax import sharding
+
+    at = _compiled_step_bytes(args, sharding.make_mesh(devices), args.classes)
+    return CompiledReport(
+        benchmark="compiled",
+        head=args.head,
+        platform=devices[0].platform,
+        device_kind=devices[0].device_kind,
+        devices=len(devices),
+        classes=args.classes,
+        batch=args.batch,
+        dim=args.dim,
+        rate=args.rate,
+        optimizer=args.optimizer,
+        logits_dtype=args.logits_dtype,
+        storage_dtype=args.storage_dtype,
+        num_sample=at["num_sample"],
+        state_bytes=at["state_bytes"],
+        compiled_temp_bytes=at["compiled_temp_bytes"],
+        compiled_total_bytes=at["compiled_total_bytes"],
+        temp_per_sampled_rows=at["compiled_temp_bytes"] / (at["num_sample"] * args.dim * 4),
+    )
+
+
 def _centers_and_rows_bytes(head, state) -> int:
     """Per device: Partial FC's centers and the optimizer state leaves with a row per center."""
     import jax
 
-    rows = sum(1 for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == state.centers.shape)
-    return head.num_local * head.embedding_dim * 4 * (1 + rows)
+    rows = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == state.centers.shape]
+    return head.num_local * head.embedding_dim * sum(leaf.dtype.itemsize for leaf in [state.centers, *rows])
 
 
 def max_classes(args) -> CapacityReport:
@@ -434,6 +537,7 @@ def max_classes(args) -> CapacityReport:
         compiled_temp_bytes=at["compiled_temp_bytes"],
         state_bytes=at["state_bytes"],
         compiles=len(seen),
+        storage_dtype=args.storage_dtype,
     )
 
 
