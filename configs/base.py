@@ -111,6 +111,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.schedule.warmup_epochs = 0.0
     c.schedule.power = 2.0  # polynomial: arcface_torch's PolyScheduler uses 2
     c.schedule.end_lr_factor = 0.0
+    # step: lr x decay_factor at each milestone (epochs from the start of the run)
+    c.schedule.milestones = ()
+    c.schedule.decay_factor = 0.1
 
     # Data (pfc_jax.data): a source, then the grain pipeline.
     c.data = ml_collections.ConfigDict()

@@ -114,6 +114,20 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     c.in_range("schedule.warmup_epochs", 0.0, float("inf"))
     c.in_range("schedule.power", 0.0, float("inf"), low_open=True)
     c.in_range("schedule.end_lr_factor", 0.0, 1.0)
+    c.in_range("schedule.decay_factor", 0.0, 1.0, low_open=True)
+    milestones = list(c.config.schedule.milestones)
+    c.that(
+        all(isinstance(m, (int, float)) and m > 0 for m in milestones) and milestones == sorted(set(milestones)),
+        "schedule.milestones",
+        milestones,
+        "must be increasing positive epochs, e.g. [8, 14, 20]",
+    )
+    c.that(
+        c.config.schedule.name != "step" or bool(milestones),
+        "schedule.milestones",
+        milestones,
+        "the step schedule needs at least one milestone (epochs), e.g. (8, 14, 20)",
+    )
 
     c.choice("data.source", SOURCES)
     c.positive_int("data.image_size", minimum=16)

@@ -108,32 +108,41 @@ def write_index(index: jax.Array, keep: jax.Array, num_rows: int) -> jax.Array:
 # ---- from the run config -----------------------------------------------------------------
 
 
-def _polynomial(config, peak: float, decay_steps: int) -> optax.Schedule:
+def _polynomial(config, peak: float, decay_steps: int, after_warmup) -> optax.Schedule:
     end = config.schedule.end_lr_factor * peak
     return optax.polynomial_schedule(peak, end, config.schedule.power, decay_steps)
 
 
-def _cosine(config, peak: float, decay_steps: int) -> optax.Schedule:
+def _cosine(config, peak: float, decay_steps: int, after_warmup) -> optax.Schedule:
     return optax.cosine_decay_schedule(peak, decay_steps, alpha=config.schedule.end_lr_factor)
 
 
-def _constant(config, peak: float, decay_steps: int) -> optax.Schedule:
+def _constant(config, peak: float, decay_steps: int, after_warmup) -> optax.Schedule:
     return optax.constant_schedule(peak)
 
 
-# config.schedule.name -> (config, peak lr, decay steps) -> the schedule after warmup.
-SCHEDULES = {"polynomial": _polynomial, "cosine": _cosine, "constant": _constant}
+def _step(config, peak: float, decay_steps: int, after_warmup) -> optax.Schedule:
+    factor = config.schedule.decay_factor
+    return optax.piecewise_constant_schedule(peak, {after_warmup(m): factor for m in config.schedule.milestones})
 
 
-def schedule(config, *, total_steps: int, warmup_steps: int) -> optax.Schedule:
+# config.schedule.name -> (config, peak lr, decay steps, epochs -> steps after warmup) ->
+# the schedule after warmup.
+SCHEDULES = {"polynomial": _polynomial, "cosine": _cosine, "constant": _constant, "step": _step}
+
+
+def schedule(config, *, total_steps: int, warmup_steps: int, steps_per_epoch: float = 1.0) -> optax.Schedule:
     """Linear warmup from 0 to ``config.optimizer.lr``, then ``SCHEDULES[config.schedule.name]``.
 
     Polynomial is ``lr * (1 - t)^power`` over the post-warmup fraction ``t`` (arcface_torch's
     PolyScheduler with power 2), floored at ``end_lr_factor * lr``; cosine decays to
-    ``end_lr_factor * lr``; constant stays at ``lr``.
+    ``end_lr_factor * lr``; constant stays at ``lr``; step multiplies it by ``decay_factor``
+    at each of ``milestones`` (epochs from the start of the run, ``steps_per_epoch`` steps
+    each; insightface's MXNet recipes and MixFaceNets' decay this way).
     """
     peak = config.optimizer.lr
-    decay = SCHEDULES[config.schedule.name](config, peak, max(total_steps - warmup_steps, 1))
+    after_warmup = lambda epochs: max(int(round(epochs * steps_per_epoch)) - warmup_steps, 0)
+    decay = SCHEDULES[config.schedule.name](config, peak, max(total_steps - warmup_steps, 1), after_warmup)
     if warmup_steps == 0:
         return decay
     warmup = optax.linear_schedule(0.0, peak, warmup_steps)

@@ -98,7 +98,12 @@ def build(config, mesh, *, num_classes: int, num_examples: int) -> Setup:
     validate_run_length(config, total_steps=total_steps, warmup_steps=warmup_steps)
     spec = ModelSpec.from_config(config)
     model = nnx.eval_shape(lambda: spec.create(config.seed))  # shapes only: no compute yet
-    lr = optim.schedule(config, total_steps=total_steps, warmup_steps=warmup_steps)
+    lr = optim.schedule(
+        config,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        steps_per_epoch=num_examples / config.global_batch_size,
+    )
     head = heads.HEADS[config.head.name].build(config, mesh, num_classes=num_classes, learning_rate=lr)
     need = heads.requirements(config)
     trainer = TrainStep.for_model(

@@ -1,5 +1,6 @@
 """The recipes as the tests' in-process code sees them."""
 
+import ast
 import pathlib
 import runpy
 
@@ -16,5 +17,6 @@ def load(name: str, overrides=()):
         node = config
         for part in parents:
             node = node[part]
-        node[leaf] = type(node[leaf])(value)
+        kind = type(node[leaf])
+        node[leaf] = tuple(ast.literal_eval(value)) if kind is tuple else kind(value)
     return config

@@ -25,6 +25,19 @@ def test_dataset_recipes_ask_for_their_path(name):
         validate(config, num_devices=8)
 
 
+@pytest.mark.parametrize("name", ["webface42m_vit_s", "ms1mv2_mixfacenet_m", "ms1mv3_vargfacenet"])
+def test_new_backbone_recipes_are_valid_with_a_path(name, tmp_path):
+    """The ViT, MixFaceNet and VarGFaceNet recipes: their own optimizer and schedule, valid
+    once given a dataset folder."""
+    (tmp_path / "train.rec").touch()
+    (tmp_path / "train.idx").touch()
+    (tmp_path / "property").write_text("10,112,112")
+    config = load(name, [f"--config.data.path={tmp_path}"])
+    validate(config, num_devices=8)
+    assert config.model.name in ("vit_s", "mixfacenet_m", "vargfacenet")
+    assert config.optimizer.name == ("adamw" if name.startswith("webface") else "sgd")
+
+
 @pytest.mark.parametrize("name", ["ms1mv3_r50", "glint360k_r100", "webface42m_r100"])
 def test_dataset_recipes_use_arcface_torch_margin_semantics(name):
     margin = load(name).head.margin
@@ -59,7 +72,7 @@ def test_recipes_only_override_declared_fields():
         ("dtype", "float16", r"dtype = 'float16': must be one of float32, bfloat16"),
         ("optimizer.name", "lamb", r"optimizer\.name = 'lamb'"),
         ("optimizer.lr", 0.0, r"optimizer\.lr = 0\.0: must be in \(0\.0"),
-        ("schedule.name", "step", r"schedule\.name"),
+        ("schedule.name", "exponential", r"schedule\.name"),
         ("data.image_size", 8, r"data\.image_size = 8: must be an integer >= 16"),
         ("head.margin.m2", -0.5, r"config\.head\.margin: margin m2 must be in \[0, pi\)"),
         ("head.margin.past_critical", "rising", r"config\.head\.margin: margin past_critical must be one of"),

@@ -117,10 +117,10 @@ def test_clipping_bounds_the_backbone_update():
     np.testing.assert_allclose(float(delta), 1e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["polynomial", "cosine", "constant"])
+@pytest.mark.parametrize("name", ["polynomial", "cosine", "constant", "step"])
 def test_schedules_warm_up_then_decay(name):
-    c = config(schedule__name=name, schedule__warmup_epochs=1.0, optimizer__lr=0.4)
-    lr = optim.schedule(c, total_steps=100, warmup_steps=10)
+    c = config(schedule__name=name, schedule__warmup_epochs=1.0, optimizer__lr=0.4, schedule__milestones=(3, 5.5))
+    lr = optim.schedule(c, total_steps=100, warmup_steps=10, steps_per_epoch=10)
     assert float(lr(0)) == 0.0
     np.testing.assert_allclose(float(lr(5)), 0.2, rtol=1e-6)
     np.testing.assert_allclose(float(lr(10)), 0.4, rtol=1e-6)
@@ -128,7 +128,9 @@ def test_schedules_warm_up_then_decay(name):
         np.testing.assert_allclose(float(lr(55)), 0.4 * 0.5**2, rtol=1e-5)
     if name == "cosine":
         np.testing.assert_allclose(float(lr(55)), 0.2, rtol=1e-5)
-    if name == "constant":
+    if name == "step":  # x 0.1 at epochs 3 and 5.5 (steps 30 and 55), counted from the start
+        assert [float(lr(i)) for i in (29, 30, 54, 55, 99)] == pytest.approx([0.4, 0.04, 0.04, 0.004, 0.004])
+    elif name == "constant":
         assert float(lr(99)) == pytest.approx(0.4)
     else:
         assert float(lr(100)) == pytest.approx(0.0, abs=1e-7)

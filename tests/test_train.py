@@ -193,6 +193,22 @@ def test_storage_dtype_changes_on_restore(runs, tmp_path):
     ckpt.close()
 
 
+@pytest.mark.parametrize("name", ["vit_narrow", "vargfacenet_narrow", "shufflemixfacenet_narrow"])
+def test_each_backbone_family_trains_and_resumes(name, tmp_path):
+    """The synthetic demo with the narrow ViT, VarGFaceNet and ShuffleMixFaceNet: 4 steps,
+    stopped after 2 and resumed by a new process; the loss is logged and finite."""
+    workdir = tmp_path / name
+    flags = [f"--config.model.name={name}", "--config.total_steps=4", "--config.checkpoint_every_steps=2"]
+    first = run_main(workdir, *flags, "--config.stop_at_step=2", devices=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_main(workdir, *flags, devices=2)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from checkpoint step 2" in second.stdout and "done: step 4" in second.stdout
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) for r in records)
+
+
 def test_backbone_export_loads_without_centers(runs):
     model, spec, step, encoder = checkpoint.load_backbone(runs["a"])
     assert encoder == "online"

@@ -4,11 +4,13 @@
     python -m pfc_jax.bench train --config configs/synthetic.py
     python -m pfc_jax.bench conv --depth 18 --batch 32
     python -m pfc_jax.bench data --source rec:/data/ms1m-retinaface-t1 --workers 4
+    python -m pfc_jax.bench flops --backbone vit_s
 
 ``head`` (:mod:`pfc_jax.bench.head`) times one whole Partial FC head step; ``train``
 (:mod:`pfc_jax.bench.train`) the trainer's own step built from a recipe, and the
 backbone's part of it alone; ``conv`` (:mod:`pfc_jax.bench.conv`) each convolution of an
-iResNet alone, forward and both gradients; ``data`` (:mod:`pfc_jax.bench.data`) the input pipeline.
+iResNet alone, forward and both gradients; ``data`` (:mod:`pfc_jax.bench.data`) the input pipeline;
+``flops`` (:mod:`pfc_jax.bench.flops`) parameters and multiply-adds of backbones.
 Each prints a table, or one JSON object with ``--json``.
 """
 
@@ -22,9 +24,9 @@ from pfc_jax import cli
 def _modules():
     """name -> its module: ``add_arguments(parser)``, ``run(args) -> Report``, and a
     docstring whose first line is the sub-command's help."""
-    from pfc_jax.bench import conv, data, head, train
+    from pfc_jax.bench import conv, data, flops, head, train
 
-    return {"head": head, "train": train, "conv": conv, "data": data}
+    return {"head": head, "train": train, "conv": conv, "data": data, "flops": flops}
 
 
 def _parser():

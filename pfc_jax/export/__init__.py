@@ -11,7 +11,9 @@ conversion is :func:`pfc_jax.export.onnx.to_onnx`.
 
 Before the file is put in place it is validated with ``onnx.checker`` and run by
 onnxruntime on random batches of two sizes; an export whose largest absolute difference
-from the JAX model exceeds the tolerance is not written. Models larger than 2 GB keep
+from the JAX model exceeds ``atol + rtol * scale`` is not written, ``scale`` being the
+largest absolute embedding value (deep backbones give embeddings in the tens, whose float32
+rounding alone differs by more than a fixed absolute tolerance). Models larger than 2 GB keep
 their weights in ``<output>.data`` beside the model file. Everything is written to a
 hidden temporary folder next to the output and renamed into place once checked, so an
 interrupted export leaves nothing that looks complete, and re-exporting to the same path
@@ -131,16 +133,18 @@ def export(
     encoder: str | None = None,
     opset: int = DEFAULT_OPSET,
     atol: float = 1e-4,
+    rtol: float = 1e-5,
     batch_sizes=(1, 3),
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> ExportReport:
     """Exports the backbone of ``workdir``'s checkpoint ``step`` (default: latest) to
-    ``output``, checked by onnxruntime against JAX within ``atol``. ``encoder``:
-    ``"online"`` or ``"ema"``; default: the run's ``eval.encoder`` (DCQ: the EMA).
+        ``output``, checked by onnxruntime against JAX within ``atol + rtol * scale`` (``scale``:
+    the largest absolute embedding value of the check batches). ``encoder``:
+        ``"online"`` or ``"ema"``; default: the run's ``eval.encoder`` (DCQ: the EMA).
 
-    Raises :class:`~pfc_jax.checkpoint.CheckpointError` for a missing or incomplete
-    checkpoint and :class:`ExportError` when the conversion or the check fails (nothing
-    is written then).
+        Raises :class:`~pfc_jax.checkpoint.CheckpointError` for a missing or incomplete
+        checkpoint and :class:`ExportError` when the conversion or the check fails (nothing
+        is written then).
     """
     require_onnx()
     import onnx
@@ -189,10 +193,12 @@ def export(
         except Exception as e:  # noqa: BLE001 - checker and shape inference raise several types
             raise ExportError(f"onnx.checker rejects the exported model: {e}") from None
         diff, scale = check_against_jax(model, path, image_size=image_size, batch_sizes=batch_sizes)
-        if not diff <= atol:
+        tolerance = atol + rtol * scale
+        if not diff <= tolerance:
             raise ExportError(
                 f"onnxruntime's output differs from the JAX model by up to {diff:.3g} (max abs), more than "
-                f"the tolerance {atol:g}: the export is wrong and {output} was not written"
+                f"the tolerance {tolerance:.3g} (atol {atol:g} + rtol {rtol:g} x embedding scale {scale:.3g}): "
+                f"the export is wrong and {output} was not written"
             )
         num_bytes = sum(f.stat().st_size for f in staged.iterdir())
         _install(staged, output, external)
@@ -225,7 +231,13 @@ def _parser():
         "--atol",
         type=float,
         default=1e-4,
-        help="largest accepted |onnxruntime - JAX| on the check batches",
+        help="largest accepted |onnxruntime - JAX| on the check batches, plus --rtol x the embedding scale",
+    )
+    p.add_argument(
+        "--rtol",
+        type=float,
+        default=1e-5,
+        help="the part of the tolerance relative to the largest absolute embedding value",
     )
     return p
 
@@ -233,7 +245,15 @@ def _parser():
 def _export(args) -> None:
     if args.opset < MIN_OPSET:
         raise InputError(f"--opset {args.opset} is too old (use {MIN_OPSET} or later)")
-    report = export(args.workdir, args.output, step=args.step, encoder=args.encoder, opset=args.opset, atol=args.atol)
+    report = export(
+        args.workdir,
+        args.output,
+        step=args.step,
+        encoder=args.encoder,
+        opset=args.opset,
+        atol=args.atol,
+        rtol=args.rtol,
+    )
     print(report.summary())
 
 

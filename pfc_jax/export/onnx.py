@@ -283,6 +283,8 @@ class _Translator:
         if handler is None:
             shapes = ", ".join(str(v.aval) for v in eqn.invars)
             raise ExportError(f"JAX operation {name!r} (on {shapes}) has no ONNX translation here")
+        if eqn.primitive.multiple_results:
+            return handler(eqn, ins, outs)
         return [handler(eqn, ins, outs[0])]
 
     # -- primitives --------------------------------------------------------------------
@@ -405,7 +407,24 @@ class _Translator:
             return self._new(name, out)
         return self._new(self.b.node("Reshape", [name, self._shape(out.shape, reshape=True)]), out)
 
-    _p_squeeze = _p_reshape
+    def _p_squeeze(self, eqn, ins, out):
+        # Size-1 axes dropped: a reshape to the output's shape (``dimensions`` names the axes).
+        name = self._full(ins[0], eqn.invars[0].aval)
+        return self._new(self.b.node("Reshape", [name, self._shape(out.shape, reshape=True)]), out)
+
+    def _p_split(self, eqn, ins, outs):
+        # One Slice per piece, in the value's physical layout (a channel split of an NCHW
+        # map needs no transpose).
+        x, axis = ins[0], eqn.params["axis"]
+        physical = x.perm.index(axis)
+        pieces, start = [], 0
+        for size in eqn.params["sizes"]:
+            ends = [self.b.ints([start]), self.b.ints([start + size]), self.b.ints([physical])]
+            shape = list(x.shape)
+            shape[physical] = size
+            pieces.append(_Tensor(self.b.node("Slice", [x.name, *ends]), x.perm, tuple(shape)))
+            start += size
+        return pieces
 
     def _p_transpose(self, eqn, ins, out):
         # No node: the value's physical layout stays, its logical axes are renamed.

@@ -14,7 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pfc_jax.models.iresnet import IRESNET_LAYERS, IResNet
+from pfc_jax.models.mixfacenet import MIXNET_M, MIXNET_S, MixFaceNet, Unit
 from pfc_jax.models.mobilefacenet import MobileFaceNet
+from pfc_jax.models.vargfacenet import VarGFaceNet
+from pfc_jax.models.vit import VisionTransformer
 
 
 class MLP(nnx.Module):
@@ -59,6 +62,51 @@ BACKBONES: dict[str, Callable[..., nnx.Module]] = {
         hidden=(32, 32, 32, 64, 64, 128, 64),
         stem_groups=16,
         head_channels=128,
+    ),
+    # arcface_torch's ViTs as its WebFace42M recipes train them (vit_t_dp005_mask0,
+    # vit_s_dp005_mask_0, vit_b_dp005_mask_005, vit_l_dp005_mask_005: drop path 0.05; the
+    # "mask_005" ones drop 10 % of the tokens in training, which is what that code does).
+    **{
+        f"vit_{size}": _no_dropout(
+            VisionTransformer, embed_dim=dim, depth=depth, num_heads=8, drop_path_rate=0.05, mask_ratio=mask
+        )
+        for size, dim, depth, mask in (
+            ("t", 256, 12, 0.0),
+            ("s", 512, 12, 0.0),
+            ("b", 512, 24, 0.1),
+            ("l", 768, 24, 0.1),
+        )
+    },
+    "vit_narrow": _no_dropout(
+        VisionTransformer, embed_dim=32, depth=2, num_heads=2, patch_size=8, drop_path_rate=0.1, mask_ratio=0.1
+    ),
+    "vargfacenet": _no_dropout(VarGFaceNet),
+    "vargfacenet_narrow": _no_dropout(VarGFaceNet, widths=(8, 16, 32, 64), units=(1, 1, 2), last_channels=128),
+    # MixFaceNet-XS/S/M and their Shuffle variants (the paper's models, from the official code).
+    **{
+        f"{prefix}mixfacenet_{size}": _no_dropout(
+            MixFaceNet, stages=stages, stem_channels=stem, width=width, gdw=gdw, shuffle=bool(prefix)
+        )
+        for prefix in ("", "shuffle")
+        for size, stages, stem, width, gdw in (
+            ("xs", MIXNET_S, 16, 0.5, 512),
+            ("s", MIXNET_S, 16, 1.0, 1024),
+            ("m", MIXNET_M, 24, 1.0, 1024),
+        )
+    },
+    # One unit per stage (two in the last), every kind of layer: mixed kernels, grouped
+    # 1x1s, SE, shuffle.
+    "shufflemixfacenet_narrow": _no_dropout(
+        MixFaceNet,
+        stages=(
+            (Unit(8, 2, 1, 2, 3, 0),),
+            (Unit(16, 1, 3, 2, 3, 2),),
+            (Unit(16, 2, 2, 2, 3, 4),),
+            (Unit(24, 1, 2, 1, 3, 2), Unit(32, 2, 3, 2, 3, 2)),
+        ),
+        stem_channels=8,
+        gdw=64,
+        shuffle=True,
     ),
     "mlp": _no_dropout(MLP),
 }

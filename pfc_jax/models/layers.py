@@ -26,11 +26,13 @@ class PReLU(nnx.Module):
         return jnp.where(x >= 0, x, alpha * x)
 
 
-def batch_norm(channels: int, *, dtype, rngs: nnx.Rngs, use_scale: bool = True) -> nnx.BatchNorm:
+def batch_norm(
+    channels: int, *, dtype, rngs: nnx.Rngs, use_scale: bool = True, epsilon: float = BN_EPSILON
+) -> nnx.BatchNorm:
     return nnx.BatchNorm(
         channels,
         momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON,
+        epsilon=epsilon,
         use_scale=use_scale,
         dtype=dtype,
         rngs=rngs,
@@ -45,11 +47,12 @@ def conv(
     stride: int = 1,
     groups: int = 1,
     padding: int | None = None,
+    bias: bool = False,
     dtype,
     rngs: nnx.Rngs,
     init=None,
 ) -> nnx.Conv:
-    """A bias-free square convolution with PyTorch-style symmetric zero padding."""
+    """A square convolution (bias-free unless ``bias``) with PyTorch-style symmetric zero padding."""
     pad = kernel // 2 if padding is None else padding
     return nnx.Conv(
         cin,
@@ -58,7 +61,7 @@ def conv(
         strides=(stride, stride),
         padding=((pad, pad), (pad, pad)),
         feature_group_count=groups,
-        use_bias=False,
+        use_bias=bias,
         dtype=dtype,
         kernel_init=init or nnx.initializers.kaiming_normal(),
         conv_general_dilated=conv_general_dilated,
@@ -159,3 +162,17 @@ def _subpixel_input_grad(g, w, shape, precision):
     dx = jnp.stack(grid, axis=2)  # [B, Ho, 2 (row parity), Wo, 2, C]
     ho, wo = g.shape[1], g.shape[2]
     return dx.reshape(batch, 2 * ho, 2 * wo, channels)[:, :height, :width].astype(g.dtype)
+
+
+class SqueezeExcite(nnx.Module):
+    """Squeeze-and-excitation: global average pool -> 1x1 conv (bias) -> ``act`` -> 1x1
+    conv (bias) -> sigmoid, scaling the input's channels."""
+
+    def __init__(self, channels: int, hidden: int, act, *, dtype, rngs: nnx.Rngs):
+        self.reduce = conv(channels, hidden, 1, bias=True, dtype=dtype, rngs=rngs)
+        self.act = act
+        self.expand = conv(hidden, channels, 1, bias=True, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        return x * jax.nn.sigmoid(self.expand(self.act(self.reduce(s))))
