@@ -23,6 +23,13 @@ def get_config() -> ml_collections.ConfigDict:
     # schedule still spans the whole run, and the next start resumes from there.
     c.stop_at_step = 0
     c.dtype = "float32"  # backbone compute dtype, pfc_jax.models.DTYPES (loss, master weights fp32)
+    # A new run's starting weights: "" (random) or a pfc_jax workdir, e.g. one written by
+    # `python -m pfc_jax.convert from-arcface-torch`: its latest checkpoint's backbone
+    # (same model.name and embedding_dim). The head starts fresh unless init_from_centers
+    # (class centers of a converted workdir, same class count). Read only when the run's
+    # own workdir holds no checkpoint; optimizer states always start fresh.
+    c.init_from = ""
+    c.init_from_centers = False
 
     # Backbone (pfc_jax.models.BACKBONES).
     c.model = ml_collections.ConfigDict()

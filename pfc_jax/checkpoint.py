@@ -12,6 +12,11 @@ Each step directory under ``<workdir>/checkpoints`` holds four or five items:
 * ``meta``: the model's :class:`~pfc_jax.models.ModelSpec` (``meta["model"]``), class
   count, device count at save time (JSON).
 
+An *imported* checkpoint (``meta["imported"]``, written by :mod:`pfc_jax.convert`) holds
+only ``backbone``, ``meta`` and optionally ``centers`` (f32[C, D], class order, no
+padding): inference tools read it as any other; the trainer starts a run from it
+(:func:`read_initial`) instead of resuming it.
+
 Orbax writes each step to a temporary directory and renames it when complete, so an
 interrupted save never looks like a checkpoint. Class centers are stored with the
 padding of the device count that wrote them; restoring onto another device count pads
@@ -43,6 +48,7 @@ from pfc_jax.models import ModelSpec
 from pfc_jax.step import TrainState
 
 BACKBONE, EMA, TRAIN, DATA, META = "backbone", "ema", "train", "data", "meta"
+CENTERS = "centers"  # imported checkpoints only: f32[C, D] class centers in class order
 ENCODERS = ("online", "ema")  # which backbone an inference tool reads
 
 
@@ -429,6 +435,58 @@ def _brief(error: Exception) -> str:
     """The first line of an exception, shortened: Orbax/TensorStore messages run to pages."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {text[:300]}"
+
+
+def is_imported(meta: dict) -> bool:
+    """True for a checkpoint written by :mod:`pfc_jax.convert` (a starting point, not a
+    train state)."""
+    return bool(meta.get("imported"))
+
+
+class Initial(NamedTuple):
+    """What :func:`read_initial` returns: a run's starting weights."""
+
+    params: dict
+    batch_stats: dict
+    spec: ModelSpec
+    centers: np.ndarray | None  # f32[C, D] in class order, or None
+    source: str  # "<workdir> step N"
+
+
+def read_initial(workdir: str | pathlib.Path, *, centers: bool) -> Initial:
+    """The backbone (parameters and BatchNorm statistics, numpy) of ``workdir``'s latest
+    checkpoint, and with ``centers`` its class centers, which only imported checkpoints
+    hold as such (:class:`CheckpointError` otherwise)."""
+    from flax import nnx
+
+    model, spec, step, _ = load_backbone(workdir, encoder="online")
+    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    source = f"{workdir} step {step}"
+    loaded = None
+    if centers:
+        ckpt = Checkpointer(pathlib.Path(workdir).absolute() / "checkpoints", read_only=True)
+        try:
+            meta = ckpt.read_meta(step)
+            if not is_imported(meta) or not meta.get("num_classes"):
+                raise CheckpointError(
+                    f"{source} holds no importable class centers (only workdirs written by "
+                    "`python -m pfc_jax.convert ... --centers` do; to go on with a pfc_jax run, resume it in its "
+                    "own workdir, or set config.init_from_centers=False for a fresh head)"
+                )
+            shape = (int(meta["num_classes"]), spec.embedding_dim)
+            abstract = {"centers": jax.ShapeDtypeStruct(shape, np.float32)}
+            as_numpy = {"centers": ocp.RestoreArgs(restore_type=np.ndarray)}
+            _silence_failed_reads()
+            try:
+                loaded = ckpt._manager.restore(
+                    step,
+                    args=ocp.args.Composite(**{CENTERS: ocp.args.PyTreeRestore(abstract, restore_args=as_numpy)}),
+                )[CENTERS]["centers"]
+            except Exception as e:  # noqa: BLE001 - missing or damaged files
+                raise CheckpointError(f"cannot read the class centers of {source}: {_brief(e)}") from None
+        finally:
+            ckpt.close()
+    return Initial(nnx.to_pure_dict(params), nnx.to_pure_dict(stats), spec, loaded, source)
 
 
 def read_spec(meta: dict) -> ModelSpec:

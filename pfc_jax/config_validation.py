@@ -86,6 +86,19 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     if config.total_steps == 0:
         c.in_range("num_epochs", 0.0, float("inf"), low_open=True)
     c.choice("dtype", models.DTYPES)
+    c.that(isinstance(config.init_from, str), "init_from", config.init_from, "must be a workdir path or ''")
+    c.that(
+        isinstance(config.init_from_centers, bool),
+        "init_from_centers",
+        config.init_from_centers,
+        "must be True or False",
+    )
+    c.that(
+        not config.init_from_centers or config.init_from,
+        "init_from_centers",
+        config.init_from_centers,
+        "needs config.init_from (the converted workdir whose centers to load)",
+    )
 
     c.choice("model.name", models.BACKBONES)
     c.positive_int("model.embedding_dim")

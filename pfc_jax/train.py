@@ -210,6 +210,51 @@ def _check_restored(meta: dict, setup: Setup, step: int, directory) -> None:
             )
 
 
+class _Imported(Exception):
+    """The newest checkpoint of the run's own workdir is an imported one (pfc_jax.convert)."""
+
+    def __init__(self, meta: dict):
+        self.meta = meta
+
+
+def _check(meta: dict, setup: Setup, step: int, probe) -> None:
+    if checkpoint.is_imported(meta):
+        raise _Imported(meta)
+    _check_restored(meta, setup, step, probe.directory)
+
+
+def _start_from(source: pathlib.Path, config, setup: Setup, *, centers: bool) -> tuple[TrainState, str]:
+    """A new state whose backbone (and with ``centers`` class centers) come from the latest
+    checkpoint of ``source``; optimizer states fresh. Raises CheckpointError when they
+    don't fit this run."""
+    initial = checkpoint.read_initial(source, centers=centers)
+    got, want = initial.spec, setup.spec
+    if (got.name, got.embedding_dim, got.image_size) != (want.name, want.embedding_dim, want.image_size):
+        raise checkpoint.CheckpointError(
+            f"{initial.source} holds {got.name} ({got.embedding_dim}-d, {got.image_size}px), this config builds "
+            f"{want.name} ({want.embedding_dim}-d, {want.image_size}px) (set config.model.name, "
+            "config.model.embedding_dim and config.data.image_size to match it)"
+        )
+    trainer = setup.trainer
+    state = trainer.init(initial.params, initial.batch_stats, jax.random.key(config.seed))
+    if initial.centers is None:
+        return state, f"initialized from {initial.source} (backbone; head fresh)"
+    num_classes = setup.meta["num_classes"]
+    if initial.centers.shape[0] != num_classes:
+        raise checkpoint.CheckpointError(
+            f"{initial.source} holds {initial.centers.shape[0]:,} class centers, this run's dataset has "
+            f"{num_classes:,} classes (use the dataset the centers were trained on, or start the head fresh: "
+            "config.init_from_centers=False, or convert without --centers)"
+        )
+    if not hasattr(trainer.head, "init_from_centers"):
+        raise checkpoint.CheckpointError(
+            f"head {config.head.name} keeps no class centers to load from {initial.source} "
+            "(use head.name=partial_fc, or start the head fresh)"
+        )
+    state = state._replace(head=trainer.head.init_from_centers(initial.centers))
+    return state, f"initialized from {initial.source} (backbone and {num_classes:,} class centers)"
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains per ``config``, resuming from ``workdir`` if it holds a checkpoint.
 
@@ -266,12 +311,13 @@ def _train(config, workdir: pathlib.Path, mesh, on_start) -> TrainState:
 
     # ---- Restore (the newest readable checkpoint) or initialize -------------------------
     directory = workdir / "checkpoints"
-    restored = None
+    restored = imported = None
     if directory.is_dir():
         probe = checkpoint.Checkpointer(directory, read_only=True)
         try:
-            check = lambda meta, step: _check_restored(meta, setup, step, probe.directory)
-            restored = probe.restore_latest(trainer.abstract_state, check)
+            restored = probe.restore_latest(trainer.abstract_state, lambda meta, step: _check(meta, setup, step, probe))
+        except _Imported as e:
+            imported = e.meta  # a converted workdir: a starting point, not a run to resume
         finally:
             probe.close()
     if restored is not None:
@@ -280,8 +326,13 @@ def _train(config, workdir: pathlib.Path, mesh, on_start) -> TrainState:
         what = f"resumed from checkpoint step {latest}"
     else:
         latest = None
-        state = trainer.init(setup.params, setup.batch_stats, jax.random.key(config.seed))
-        what = "initialized a new run"
+        if imported is not None or config.init_from:
+            start = workdir if imported is not None else pathlib.Path(config.init_from)
+            centers = bool(imported.get("num_classes")) if imported is not None else config.init_from_centers
+            state, what = _start_from(start, config, setup, centers=centers)
+        else:
+            state = trainer.init(setup.params, setup.batch_stats, jax.random.key(config.seed))
+            what = "initialized a new run"
     start_step = int(jax.device_get(state.step))
 
     # ---- The run starts: from here on it writes to the workdir ------------------------

@@ -209,6 +209,40 @@ def test_each_backbone_family_trains_and_resumes(name, tmp_path):
     assert all(np.isfinite(r["loss"]) for r in records)
 
 
+def test_converted_arcface_workdir_trains_and_starts_other_runs(tmp_path):
+    """A workdir converted from arcface_torch files (backbone + 37 centers in 3 rank files)
+    trains with `main` on 2 devices from exactly those weights (a vanishing learning rate
+    keeps them), and `config.init_from` starts another run from its backbone."""
+    from pfc_jax.convert import arcface_torch
+    from tests import torch_writer
+    from tests.test_convert import _backbone_file, _rank_files
+
+    path, _ = _backbone_file(tmp_path, "iresnet_narrow")
+    centers = np.random.default_rng(4).normal(size=(37, 16)).astype(np.float32)
+    _rank_files(tmp_path / "arcface", centers, 3)
+    assert torch_writer.STORAGE_TYPES  # the files above are the test's own torch.save format
+    arcface_torch.convert(path, "iresnet_narrow", tmp_path / "run", centers=tmp_path / "arcface", image_size=32)
+    imported = checkpoint.read_initial(tmp_path / "run", centers=False)
+
+    flags = ["--config.total_steps=2", "--config.optimizer.lr=1e-12", "--config.schedule.warmup_epochs=0"]
+    first = run_main(tmp_path / "run", *flags, devices=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "step 0 (backbone and 37 class centers)" in first.stdout and "done: step 2" in first.stdout
+    trained = train_tree(tmp_path / "run", 2)
+    flat = lambda tree: {
+        jax.tree_util.keystr(p).replace("'", ""): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+    got, want = flat(trained["backbone"]["params"]), flat(imported.params)
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(trained["train"]["head"]["centers"][:37], centers, rtol=1e-5, atol=1e-6)
+
+    second = run_main(tmp_path / "other", *flags, f"--config.init_from={tmp_path / 'run'}", devices=2)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "run step 2 (backbone; head fresh)" in second.stdout
+
+
 def test_backbone_export_loads_without_centers(runs):
     model, spec, step, encoder = checkpoint.load_backbone(runs["a"])
     assert encoder == "online"

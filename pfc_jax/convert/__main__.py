@@ -1,0 +1,3 @@
+from pfc_jax.convert import main
+
+main()
