@@ -5,7 +5,7 @@ import os
 import zipfile
 
 import jax
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -24,7 +24,7 @@ def test_reader_reads_dtypes_views_and_state_dict_metadata(tmp_path):
     base = np.arange(24, dtype=np.float32)
     rng = np.random.default_rng(0)
     half = rng.normal(size=(3, 5)).astype(np.float16)
-    bf16 = rng.normal(size=(4,)).astype(ml_dtypes.bfloat16)
+    bf16 = rng.normal(size=(4,)).astype(jnp.bfloat16)
     obj = tw.StateDict(
         {
             "conv.weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
@@ -43,7 +43,7 @@ def test_reader_reads_dtypes_views_and_state_dict_metadata(tmp_path):
     assert list(got) == list(obj) and got._metadata == {"": {"version": 1}}
     np.testing.assert_array_equal(got["conv.weight"], obj["conv.weight"])
     assert got["half"].dtype == np.float16 and np.array_equal(got["half"], half)
-    assert got["bf16"].dtype == ml_dtypes.bfloat16 and np.array_equal(got["bf16"], bf16)
+    assert got["bf16"].dtype == jnp.bfloat16 and np.array_equal(got["bf16"], bf16)
     assert got["bn.num_batches_tracked"].shape == () and int(got["bn.num_batches_tracked"]) == 7
     np.testing.assert_array_equal(got["transposed"], base.reshape(4, 6).T)
     np.testing.assert_array_equal(got["row1"], base[6:12])

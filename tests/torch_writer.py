@@ -13,13 +13,13 @@ from __future__ import annotations
 import struct
 import zipfile
 
-import ml_dtypes
 import numpy as np
+from jax.numpy import bfloat16
 
 STORAGE_TYPES = {
     np.dtype(np.float32): "FloatStorage",
     np.dtype(np.float16): "HalfStorage",
-    np.dtype(ml_dtypes.bfloat16): "BFloat16Storage",
+    np.dtype(bfloat16): "BFloat16Storage",
     np.dtype(np.float64): "DoubleStorage",
     np.dtype(np.int64): "LongStorage",
     np.dtype(np.int32): "IntStorage",

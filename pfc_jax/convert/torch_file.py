@@ -12,7 +12,7 @@ are the tensor and parameter rebuild functions (mapped to numpy), the storage an
 tags, and ``collections.OrderedDict``; any other global (``os.system``, ``builtins.eval``,
 ...) stops the read with :class:`TorchFileError` before anything it names is called, so no
 code from the file ever runs. Tensors come back as numpy arrays (float32, float16,
-bfloat16 as ``ml_dtypes.bfloat16``, float64 and the integer types); dicts, lists, tuples,
+bfloat16 as ``jax.numpy.bfloat16``, float64 and the integer types); dicts, lists, tuples,
 numbers and strings as themselves.
 
 Not supported, each with its own error: the legacy format of PyTorch < 1.6 (a bare pickle
@@ -28,8 +28,8 @@ import pathlib
 import pickle
 import zipfile
 
-import ml_dtypes
 import numpy as np
+from jax.numpy import bfloat16
 
 from pfc_jax.errors import InputError
 
@@ -41,7 +41,7 @@ LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 STORAGE_DTYPES = {
     "FloatStorage": np.dtype(np.float32),
     "HalfStorage": np.dtype(np.float16),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "BFloat16Storage": np.dtype(bfloat16),
     "DoubleStorage": np.dtype(np.float64),
     "LongStorage": np.dtype(np.int64),
     "IntStorage": np.dtype(np.int32),
@@ -54,7 +54,7 @@ STORAGE_DTYPES = {
 TORCH_DTYPES = {
     "float32": np.dtype(np.float32),
     "float16": np.dtype(np.float16),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "bfloat16": np.dtype(bfloat16),
     "float64": np.dtype(np.float64),
     "int64": np.dtype(np.int64),
     "int32": np.dtype(np.int32),
