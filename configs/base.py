@@ -129,6 +129,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.source = "synthetic"
     c.data.path = ""  # dataset folder; for tfds the TFDS data_dir
     c.data.tfds_name = ""  # tfds: the dataset name given to pfc_jax.data.prepare
+    # A core set of the source: a keep.npy written by `python -m pfc_jax.data.prune`
+    # (image indices of the source); "" = every image.
+    c.data.keep_list = ""
     c.data.image_size = 112  # aligned faces, square
     c.data.threads = 8  # reader threads per process (decoding releases the GIL)
     c.data.workers = 0  # extra worker processes per host for decoding; 0 = threads only
@@ -165,6 +168,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.hard_synthetic.occlusion = 0.3  # probability of an occluding patch
     c.data.hard_synthetic.blur = 0.3  # probability of a blur
     c.data.hard_synthetic.noise = 0.04  # pixel noise std
+    c.data.hard_synthetic.duplicates = 0.0  # probability an image repeats an earlier shot (fresh noise)
     c.data.hard_synthetic.seed = 0  # which world (independent of c.seed)
     # Its held-out identities (eval.bins = "synthetic" and the study's 1:1 set).
     c.data.hard_synthetic_eval = ml_collections.ConfigDict()

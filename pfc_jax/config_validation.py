@@ -104,6 +104,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     c.positive_int("model.embedding_dim")
     c.in_range("model.dropout", 0.0, 1.0, high_open=True)
 
+    c.that(
+        isinstance(config.data.keep_list, str),
+        "data.keep_list",
+        config.data.keep_list,
+        "must be '' or the path of a keep.npy written by pfc_jax.data.prune",
+    )
     c.choice("head.name", heads.HEADS)
     c.choice("data.sampler", ("auto", *SAMPLERS))
     c.positive_int("data.images_per_identity_in_batch", minimum=0)

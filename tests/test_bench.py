@@ -283,3 +283,13 @@ def test_head_compile_only_reports_the_memory_of_a_step_too_large_to_run():
         assert r["temp_per_sampled_rows"] == pytest.approx(r["compiled_temp_bytes"] / rows)
         assert r["compiled_temp_bytes"] < 1.5 * rows  # the target; ~1.13 x
     assert bf16["compiled_temp_bytes"] == pytest.approx(f32["compiled_temp_bytes"], rel=0.02)
+
+
+def test_prune_times_the_suppression_and_hits_the_ratio(capsys):
+    from pfc_jax import bench
+
+    bench.main(["prune", "--images", "3000", "--dim", "16", "--ratio", "0.7", "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert r["benchmark"] == "prune" and r["images"] == 3000 and r["identities"] > 100
+    assert abs(r["kept_at_ratio"] - 2100) <= r["identities"] and r["identities"] <= r["kept_at_threshold"] <= 3000
+    assert r["pair_entries"] < 3000**2 / 10  # within identities only

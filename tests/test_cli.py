@@ -37,6 +37,22 @@ def _cases(tmp: pathlib.Path):
         ),
         "data.synth": (["--out", str(tmp / "s"), "--identities", "-3", "--images-per-id", "2"], ["--identities", "2"]),
         "data.recordio": (["rebuild", missing], ["check", missing]),
+        "convert": (
+            ["from-arcface-torch", "--model", "iresnet18", "--workdir", str(tmp / "cw")],
+            [
+                "from-arcface-torch",
+                "--backbone",
+                missing + ".pth",
+                "--model",
+                "iresnet18",
+                "--workdir",
+                str(tmp / "cw"),
+            ],
+        ),
+        "data.prune": (
+            ["--source", "rec:" + missing, "--workdir", missing, "--keep-ratio", "2", "--out", str(tmp / "po")],
+            ["--source", "rec:" + missing, "--workdir", missing, "--threshold", "0.9", "--out", str(tmp / "po")],
+        ),
         "study": (
             ["--config", str(ROOT / "configs" / "study.py"), "--out", str(tmp / "s"), "--arms", "partial_fc:rte=1"],
             ["--config", str(tmp / "nope.py"), "--out", str(tmp / "s"), "--arms", "partial_fc"],

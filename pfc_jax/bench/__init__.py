@@ -5,12 +5,14 @@
     python -m pfc_jax.bench conv --depth 18 --batch 32
     python -m pfc_jax.bench data --source rec:/data/ms1m-retinaface-t1 --workers 4
     python -m pfc_jax.bench flops --backbone vit_s
+    python -m pfc_jax.bench prune --images 1000000
 
 ``head`` (:mod:`pfc_jax.bench.head`) times one whole Partial FC head step; ``train``
 (:mod:`pfc_jax.bench.train`) the trainer's own step built from a recipe, and the
 backbone's part of it alone; ``conv`` (:mod:`pfc_jax.bench.conv`) each convolution of an
 iResNet alone, forward and both gradients; ``data`` (:mod:`pfc_jax.bench.data`) the input pipeline;
-``flops`` (:mod:`pfc_jax.bench.flops`) parameters and multiply-adds of backbones.
+``flops`` (:mod:`pfc_jax.bench.flops`) parameters and multiply-adds of backbones;
+``prune`` (:mod:`pfc_jax.bench.prune`) Face-NMS's suppression on synthetic embeddings.
 Each prints a table, or one JSON object with ``--json``.
 """
 
@@ -24,9 +26,9 @@ from pfc_jax import cli
 def _modules():
     """name -> its module: ``add_arguments(parser)``, ``run(args) -> Report``, and a
     docstring whose first line is the sub-command's help."""
-    from pfc_jax.bench import conv, data, flops, head, train
+    from pfc_jax.bench import conv, data, flops, head, prune, train
 
-    return {"head": head, "train": train, "conv": conv, "data": data, "flops": flops}
+    return {"head": head, "train": train, "conv": conv, "data": data, "flops": flops, "prune": prune}
 
 
 def _parser():

@@ -12,16 +12,24 @@ from __future__ import annotations
 
 from pfc_jax import cli
 
+# Kept here, not read from pfc_jax.convert.arcface_torch, so that --help imports no JAX.
+FROM_ARCFACE_TORCH = """Writes a pfc_jax workdir with a checkpoint at step 0 from arcface_torch files.
+
+--backbone: a torch.save of a backbone's state_dict() (backbone.pth / model.pt) or a
+checkpoint_gpu_<rank>.pt; a 'module.' prefix is accepted. --centers: the folder of one run's
+softmax_fc_gpu_<rank>.pt (or checkpoint_gpu_<rank>.pt, or 2021's rank_<rank>_softmax_weight.pt);
+rank r of W holds C // W + (r < C % W) classes, in rank order. evaluate, export and embed read
+the workdir as any run's; main on it trains from it; config.init_from starts another run from it.
+"""
+
 
 def _parser():
     p = cli.parser("pfc_jax.convert", __doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=cli.ArgumentParser)
-    from pfc_jax.convert import arcface_torch
-
     one = sub.add_parser(
         "from-arcface-torch",
         help="an arcface_torch backbone (and its sharded class centers) -> a pfc_jax workdir",
-        description=arcface_torch.__doc__,
+        description=FROM_ARCFACE_TORCH,
         formatter_class=cli.HelpFormatter,
     )
     one.add_argument("--backbone", required=True, help="backbone.pth / model.pt (a state dict) or checkpoint_gpu_0.pt")

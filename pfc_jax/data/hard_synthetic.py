@@ -50,6 +50,10 @@ class World:
     occlusion: float = 0.3  # probability of an occluding patch
     blur: float = 0.3  # probability of a Gaussian blur
     noise: float = 0.04  # pixel noise std (images in [0, 1])
+    # Probability that an image (not an identity's first) repeats an earlier shot of its
+    # identity: the same pose, light, occlusion and blur, fresh pixel noise (the near
+    # duplicates of web-crawled datasets). 0: every image is a new shot.
+    duplicates: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -67,7 +71,7 @@ class World:
         for name in ("family_spread", "rotation", "scale", "shift", "light", "noise"):
             if not getattr(self, name) >= 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("occlusion", "blur"):
+        for name in ("occlusion", "blur", "duplicates"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
         if self.scale >= 1:
@@ -190,16 +194,37 @@ class HardSyntheticIdentities:
         """Image ``image`` of ``identity``: uint8 [S, S, 3]."""
         if not 0 <= identity < self.num_identities:
             raise IndexError(f"identity {identity} out of range [0, {self.num_identities})")
-        w, s = self.world, self.image_size
+        w = self.world
         rng = np.random.default_rng([w.seed, self.first + identity, 3 + image])
+        x = self._shot(identity, image, rng)
+        if w.duplicates:  # the noise of a repeated shot is its own
+            rng = np.random.default_rng([w.seed, self.first + identity, 3 + image, 1])
+        x = x + rng.normal(0.0, w.noise, x.shape).astype(np.float32)
+        return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+    def shot_of(self, identity: int, image: int) -> int:
+        """The image whose shot ``image`` repeats (itself when it is a new shot)."""
+        w = self.world
+        while image > 0 and w.duplicates:
+            pick = np.random.default_rng([w.seed, self.first + identity, 3 + image, 2])
+            if pick.uniform() >= w.duplicates:
+                break
+            image = int(pick.integers(image))
+        return image
+
+    def _shot(self, identity: int, image: int, rng) -> np.ndarray:
+        """The noiseless image: pose, light, occlusion, blur (of the shot it repeats)."""
+        w, s = self.world, self.image_size
+        original = self.shot_of(identity, image)
+        if original != image:
+            rng = np.random.default_rng([w.seed, self.first + identity, 3 + original])
         x = self._warp(self.template(identity), rng)
         x = self._light(x, rng)
         if rng.uniform() < w.occlusion:
             x = self._occlude(x, rng)
         if rng.uniform() < w.blur:
             x = _gaussian_blur(x, rng.uniform(0.5, 1.2) * s / 32.0)
-        x = x + rng.normal(0.0, w.noise, x.shape).astype(np.float32)
-        return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return x
 
     def _warp(self, template: np.ndarray, rng) -> np.ndarray:
         """A random similarity transform (pose-like), bilinear sampling."""

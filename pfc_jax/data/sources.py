@@ -13,6 +13,10 @@ cheaply, so data-loader worker processes can carry them.
 * ``folder``: :class:`ImageFolder`, one sub-folder of aligned faces per identity;
 * ``tfds``: :class:`TFDSDataset`, an ArrayRecord dataset built by
   ``python -m pfc_jax.data.prepare``.
+
+``config.data.keep_list`` (a core set written by ``python -m pfc_jax.data.prune``) wraps
+any of them in a :class:`Subset`: the listed images, in the source's order, labels
+unchanged.
 """
 
 from __future__ import annotations
@@ -198,7 +202,58 @@ SOURCES: dict[str, SourceEntry] = {
 
 
 def make_source(data_config):
-    """The source named by a run's ``config.data`` (see :data:`SOURCES`)."""
+    """The source named by a run's ``config.data`` (see :data:`SOURCES`), restricted to
+    ``data_config.keep_list`` when one is set."""
     if data_config.source not in SOURCES:
         raise SourceError(f"unknown data source {data_config.source!r} (choose one of {', '.join(SOURCES)})")
-    return SOURCES[data_config.source].open(data_config)
+    source = SOURCES[data_config.source].open(data_config)
+    keep_list = data_config.get("keep_list", "")
+    return Subset(source, read_keep_list(keep_list, len(source))) if keep_list else source
+
+
+def read_keep_list(path: str, size: int) -> np.ndarray:
+    """The image indices of a keep-list file (``.npy`` of int64, or text with one index
+    per line and ``#`` comments), checked: strictly increasing, within ``[0, size)``."""
+    if not os.path.isfile(path):
+        raise SourceError(f"config.data.keep_list: {path} does not exist (a keep.npy written by pfc_jax.data.prune)")
+    try:
+        if path.endswith(".npy"):
+            indices = np.load(path, allow_pickle=False)
+        else:
+            with open(path) as f:
+                indices = np.asarray([int(t) for line in f if (t := line.split("#", 1)[0].strip())], np.int64)
+    except (ValueError, OSError) as e:
+        raise SourceError(f"config.data.keep_list: {path} cannot be read as a keep-list ({e})") from None
+    if indices.ndim != 1 or indices.dtype.kind not in "iu":
+        raise SourceError(f"config.data.keep_list: {path} must hold one integer index per image kept")
+    if len(indices) == 0:
+        raise SourceError(f"config.data.keep_list: {path} keeps no image")
+    if np.any(np.diff(indices) <= 0):
+        raise SourceError(f"config.data.keep_list: {path} must list image indices in increasing order, each once")
+    if indices[0] < 0 or indices[-1] >= size:
+        bad = int(indices[-1] if indices[-1] >= size else indices[0])
+        raise SourceError(
+            f"config.data.keep_list: {path} names image {bad}, but the dataset has {size} images "
+            f"(0 ... {size - 1}): the list was written for another dataset"
+        )
+    return indices.astype(np.int64)
+
+
+class Subset:
+    """The images ``indices`` of ``source``, in that order; labels and classes unchanged."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+        self.num_classes = source.num_classes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __repr__(self) -> str:
+        return f"Subset({self.source!r}, {len(self)} images)"
+
+    def __getitem__(self, i: int) -> dict:
+        return self.source[int(self.indices[i])]
+
+    def labels(self) -> np.ndarray:
+        return self.source.labels()[self.indices]
