@@ -102,6 +102,10 @@ def test_reader_names_what_is_wrong_with_a_file(tmp_path):
             z.writestr(n, data)
     with pytest.raises(torch_file.TorchFileError, match="storage 0 holds 8 bytes"):
         torch_file.load(short)
+    bomb = tmp_path / "bomb.pth"  # a broadcast view asking for 10^12 elements of a 3-element storage
+    tw.save({"x": tw.Tensor(np.ones(3, np.float32), "s", 0, (10**6, 10**6), (0, 0))}, bomb)
+    with pytest.raises(torch_file.TorchFileError, match=r"bomb.pth: a tensor of size \(1000000, 1000000\) is far"):
+        torch_file.load(bomb)
 
 
 def test_arcface_class_split_rule():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import pathlib
 import pickle
 import zipfile
@@ -102,6 +103,8 @@ def _rebuild_tensor(storage, offset, size, stride, dtype=None, metadata=None) ->
         raise TorchFileError(f"a tensor of size {size}, stride {stride}, offset {offset} is malformed")
     if 0 in size:
         return np.zeros(size, flat.dtype)
+    if math.prod(size) > 4 * flat.size + (1 << 20):  # stride-0 views could ask for any size
+        raise TorchFileError(f"a tensor of size {size} is far larger than its storage of {flat.size}: refused")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= flat.size:
         raise TorchFileError(
@@ -247,8 +250,10 @@ def load(path: str | pathlib.Path):
             unpickler.byteorder = order
         try:
             return unpickler.load()
-        except TorchFileError:
-            raise
+        except TorchFileError as e:
+            if str(e).startswith(where):
+                raise
+            raise TorchFileError(f"{where}: {e}") from None
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
             raise TorchFileError(f"{where}: its pickle cannot be read ({type(e).__name__}: {e})") from None
 
