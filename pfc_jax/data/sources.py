@@ -207,7 +207,7 @@ def make_source(data_config):
     if data_config.source not in SOURCES:
         raise SourceError(f"unknown data source {data_config.source!r} (choose one of {', '.join(SOURCES)})")
     source = SOURCES[data_config.source].open(data_config)
-    keep_list = data_config.get("keep_list", "")
+    keep_list = data_config.keep_list
     return Subset(source, read_keep_list(keep_list, len(source))) if keep_list else source
 
 
