@@ -18,7 +18,7 @@ from pfc_jax.heads.dcq import DCQ
 from pfc_jax.heads.queue import QueueState, RingQueue
 from tests import recipes
 from tests.test_step import config as step_config
-from tests.test_train import run_main
+from tests.test_train import finish, run_main, start_main
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -287,11 +287,11 @@ def straight_resumed_and_moved(base, flags):
     identities. B: stopped at 6, resumed by a new process. One: a copy of B at 6 continues
     on 1 device. Returns the workdirs and the processes' outputs."""
     a, b, one = base / "a", base / "b", base / "one"
-    out = {"a": run_main(a, *flags, "--config.eval.bins=synthetic")}
-    out["b1"] = run_main(b, *flags, "--config.stop_at_step=6")
+    straight = start_main(a, *flags, "--config.eval.bins=synthetic")  # beside the others
+    out = {"b1": run_main(b, *flags, "--config.stop_at_step=6")}
     shutil.copytree(b, one)
-    out["b2"] = run_main(b, *flags)
-    out["one"] = run_main(one, *flags, devices=1)
+    resumed, moved = start_main(b, *flags), start_main(one, *flags, devices=1)
+    out.update(a=finish(straight), b2=finish(resumed), one=finish(moved))
     for name, o in out.items():
         assert o.returncode == 0, (name, o.stderr[-3000:])
     return dict(a=a, b=b, one=one, out=out)

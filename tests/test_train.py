@@ -65,6 +65,24 @@ def run_main(workdir, *overrides, devices=8):
     return out
 
 
+def start_main(workdir, *overrides, devices=8) -> subprocess.Popen:
+    """:func:`run_main` without waiting (2 cores: runs that overlap share their start-up
+    and compile phases); :func:`finish` collects it."""
+    return subprocess.Popen(
+        main_cmd(workdir, *overrides),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(devices),
+        cwd=ROOT,
+    )
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 def train_tree(workdir, step):
     """The saved `train` and `backbone` items of a checkpoint, as numpy."""
     path = pathlib.Path(workdir) / "checkpoints" / str(step)
@@ -81,12 +99,13 @@ def runs(tmp_path_factory):
     Copies of B at step 6 are kept for the device-count tests."""
     base = tmp_path_factory.mktemp("runs")
     a, b = base / "a", base / "b"
-    out_a = run_main(a)
+    straight = start_main(a)  # beside B
     out_b1 = run_main(b, "--config.stop_at_step=6")
     copies = {n: base / f"b{n}" for n in (4, 1)}
     for path in copies.values():
         shutil.copytree(b, path)
     out_b2 = run_main(b)
+    out_a = finish(straight)
     return dict(a=a, b=b, out_a=out_a, out_b1=out_b1, out_b2=out_b2, copies=copies)
 
 
@@ -193,20 +212,22 @@ def test_storage_dtype_changes_on_restore(runs, tmp_path):
     ckpt.close()
 
 
-@pytest.mark.parametrize("name", ["vit_narrow", "vargfacenet_narrow", "shufflemixfacenet_narrow"])
-def test_each_backbone_family_trains_and_resumes(name, tmp_path):
+def test_each_backbone_family_trains_and_resumes(tmp_path):
     """The synthetic demo with the narrow ViT, VarGFaceNet and ShuffleMixFaceNet: 4 steps,
-    stopped after 2 and resumed by a new process; the loss is logged and finite."""
-    workdir = tmp_path / name
-    flags = [f"--config.model.name={name}", "--config.total_steps=4", "--config.checkpoint_every_steps=2"]
-    first = run_main(workdir, *flags, "--config.stop_at_step=2", devices=2)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run_main(workdir, *flags, devices=2)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from checkpoint step 2" in second.stdout and "done: step 4" in second.stdout
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert all(np.isfinite(r["loss"]) for r in records)
+    stopped after 2 and resumed by a new process; the loss is logged and finite. (The
+    three families run side by side.)"""
+    names = ["vit_narrow", "vargfacenet_narrow", "shufflemixfacenet_narrow"]
+    flags = lambda name: [f"--config.model.name={name}", "--config.total_steps=4", "--config.checkpoint_every_steps=2"]
+    firsts = [start_main(tmp_path / n, *flags(n), "--config.stop_at_step=2", devices=2) for n in names]
+    for name, first in zip(names, map(finish, firsts)):
+        assert first.returncode == 0, (name, first.stderr[-3000:])
+    seconds = [start_main(tmp_path / n, *flags(n), devices=2) for n in names]
+    for name, second in zip(names, map(finish, seconds)):
+        assert second.returncode == 0, (name, second.stderr[-3000:])
+        assert "resumed from checkpoint step 2" in second.stdout and "done: step 4" in second.stdout, name
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [1, 2, 3, 4], name
+        assert all(np.isfinite(r["loss"]) for r in records), name
 
 
 def test_converted_arcface_workdir_trains_and_starts_other_runs(tmp_path):
