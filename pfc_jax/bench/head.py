@@ -204,9 +204,7 @@ def run(args) -> HeadReport:
     from pfc_jax.heads.f2c import F2C
     from pfc_jax.heads.prototype_memory import PrototypeMemory
 
-    devices = select_devices(args.devices)
-    if args.batch % len(devices):
-        raise InputError(f"--batch {args.batch} must be a multiple of --devices {len(devices)}")
+    devices = _devices(args)
     dcq = args.head == "dcq"
     if dcq and (args.batch % 2 or args.queue_size < args.batch // 2):
         raise InputError(
@@ -361,6 +359,34 @@ class CapacityReport(Report):
         ]
 
 
+def _devices(args) -> list:
+    """The devices of ``--devices``, refusing a batch they don't divide."""
+    devices = select_devices(args.devices)
+    if args.batch % len(devices):
+        raise InputError(f"--batch {args.batch} must be a multiple of --devices {len(devices)}")
+    return devices
+
+
+def _compiled_fields(args, devices, at: dict) -> dict:
+    """What the two compile-only reports share: the set-up and the step's memory at one C."""
+    return dict(
+        head=args.head,
+        platform=devices[0].platform,
+        device_kind=devices[0].device_kind,
+        devices=len(devices),
+        batch=args.batch,
+        dim=args.dim,
+        rate=args.rate,
+        optimizer=args.optimizer,
+        logits_dtype=args.logits_dtype,
+        storage_dtype=args.storage_dtype,
+        num_sample=at["num_sample"],
+        state_bytes=at["state_bytes"],
+        compiled_temp_bytes=at["compiled_temp_bytes"],
+        compiled_total_bytes=at["compiled_total_bytes"],
+    )
+
+
 def _partial_fc(args, mesh, classes):
     import jax.numpy as jnp
 
@@ -446,29 +472,14 @@ def compiled_memory(args) -> CompiledReport:
         raise InputError("--compile-only is for --head partial_fc")
     if args.classes is None:
         raise InputError("--compile-only needs --classes")
-    devices = select_devices(args.devices)
-    if args.batch % len(devices):
-        raise InputError(f"--batch {args.batch} must be a multiple of --devices {len(devices)}")
+    devices = _devices(args)
     from pfc_jax import sharding
 
     at = _compiled_step_bytes(args, sharding.make_mesh(devices), args.classes)
     return CompiledReport(
         benchmark="compiled",
-        head=args.head,
-        platform=devices[0].platform,
-        device_kind=devices[0].device_kind,
-        devices=len(devices),
         classes=args.classes,
-        batch=args.batch,
-        dim=args.dim,
-        rate=args.rate,
-        optimizer=args.optimizer,
-        logits_dtype=args.logits_dtype,
-        storage_dtype=args.storage_dtype,
-        num_sample=at["num_sample"],
-        state_bytes=at["state_bytes"],
-        compiled_temp_bytes=at["compiled_temp_bytes"],
-        compiled_total_bytes=at["compiled_total_bytes"],
+        **_compiled_fields(args, devices, at),
         temp_per_sampled_rows=at["compiled_temp_bytes"] / (at["num_sample"] * args.dim * 4),
     )
 
@@ -511,9 +522,7 @@ def max_classes(args) -> CapacityReport:
         raise InputError("--max-classes needs --device-memory GIB, the memory of one device (e.g. 80)")
     if args.classes is not None:
         raise InputError("--max-classes searches C itself: drop --classes")
-    devices = select_devices(args.devices)
-    if args.batch % len(devices):
-        raise InputError(f"--batch {args.batch} must be a multiple of --devices {len(devices)}")
+    devices = _devices(args)
     from pfc_jax import sharding
 
     mesh = sharding.make_mesh(devices)
@@ -546,26 +555,12 @@ def max_classes(args) -> CapacityReport:
         if hi - lo > width // 2:  # interpolation made little progress: bisect once
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    at = measure(lo)
     return CapacityReport(
         benchmark="capacity",
-        head=args.head,
-        platform=devices[0].platform,
-        device_kind=devices[0].device_kind,
-        devices=len(devices),
-        batch=args.batch,
-        dim=args.dim,
-        rate=args.rate,
-        optimizer=args.optimizer,
-        logits_dtype=args.logits_dtype,
         device_memory_bytes=budget,
         max_classes=lo,
-        num_sample=at["num_sample"],
-        compiled_total_bytes=at["compiled_total_bytes"],
-        compiled_temp_bytes=at["compiled_temp_bytes"],
-        state_bytes=at["state_bytes"],
         compiles=len(seen),
-        storage_dtype=args.storage_dtype,
+        **_compiled_fields(args, devices, measure(lo)),
     )
 
 
